@@ -221,6 +221,15 @@ def load_curves(
     return pd.concat(frames, ignore_index=True)
 
 
+def read_run(sweep_dir: Path, run_id: str) -> dict | None:
+    """The stored row of one run, or None when it is not stored (or was unreadable)."""
+    path = run_path(sweep_dir, run_id)
+    if not path.exists():
+        return None
+    frame = _read(path, RUNS_SCHEMA)
+    return None if frame is None or frame.empty else frame.iloc[0].to_dict()
+
+
 def done_run_ids(sweep_dir: Path) -> set[str]:
     """Run ids with a readable stored row (any status): what a rerun does not train again."""
     runs = load_runs(sweep_dir) if (Path(sweep_dir) / "runs").is_dir() else None

@@ -1,0 +1,236 @@
+"""Executors: run the planned runs of a sweep, skipping what is already stored.
+
+The local executor trains runs one after another in this process, or in a pool of worker
+processes. Each run takes a lock file first (``locks/RUN_ID.lock``, an exclusive ``flock``),
+and checks the store again once it holds it, so two ``scaling run`` commands on the same
+sweep never train the same run twice. A run that raises is stored as ``failed`` with the
+error's last lines; the others go on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from scaling.errors import LaunchError
+from scaling.model.count import ModelShape, count
+from scaling.plan import PlannedRun, plan_sweep
+from scaling.results import load_runs, read_run, write_run
+from scaling.spec import RunSpec, SweepSpec
+
+log = logging.getLogger(__name__)
+
+FINISHED = ("done", "diverged")
+
+
+@dataclass
+class SweepOutcome:
+    """What one `scaling run` did."""
+
+    sweep_dir: Path
+    planned: int
+    skipped: list[str] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    busy: list[str] = field(default_factory=list)  # being trained by another process
+
+
+def stored_status(sweep_dir: Path) -> dict[str, str]:
+    """Run id to stored status for the runs of ``sweep_dir``."""
+    if not (sweep_dir / "runs").is_dir():
+        return {}
+    runs = load_runs(sweep_dir)
+    return dict(zip(runs["run_id"], runs["status"], strict=True))
+
+
+def to_do(
+    planned: list[PlannedRun], stored: dict[str, str], retry_failed: bool
+) -> list[PlannedRun]:
+    """The planned runs that still need training."""
+    keep = FINISHED if retry_failed else (*FINISHED, "failed")
+    return [p for p in planned if stored.get(p.run.run_id) not in keep]
+
+
+@contextmanager
+def run_lock(sweep_dir: Path, run_id: str) -> Iterator[bool]:
+    """Hold the run's lock file if no other process does; yield whether we got it."""
+    lock_dir = sweep_dir / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{run_id}.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def failed_row(run: RunSpec, error: BaseException | str, **extra: object) -> dict:
+    """The stored row of a run that raised: its counts, status `failed`, the error's tail."""
+    shape = ModelShape(**run.shape)
+    counts = count(shape)
+    text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
+    return {
+        "run_id": run.run_id,
+        "sweep": run.sweep,
+        "status": "failed",
+        "error": "\n".join(text.strip().splitlines()[-20:]),
+        "family": shape.family,
+        "n_layers": shape.n_layers,
+        "d_model": shape.d_model,
+        "n_heads": shape.n_heads,
+        "d_ff": shape.d_ff,
+        "seq_len": shape.seq_len,
+        "vocab_size": shape.vocab_size,
+        "params": counts.params,
+        "params_nonembedding": counts.params_nonembedding,
+        "params_active": counts.params_active,
+        "tokens": run.tokens,
+        "steps": run.steps,
+        "compute": run.tokens * counts.flops(run.flops),
+        "target_params": run.target_params,
+        "target_compute": run.target_compute,
+        "seed": run.train.seed,
+        "finished_at": datetime.now(UTC),
+        "host": socket.gethostname(),
+        "spec": run.model_dump_json(),
+        **extra,
+    }
+
+
+def execute_run(
+    run: RunSpec, sweep_dir: Path, progress: Callable[[int, int], None] | None = None
+) -> str:
+    """Train one run under its lock, store a `failed` row if it raises; return its status.
+
+    Returns ``"busy"`` when another process holds the run, ``"skipped"`` when its result
+    appeared while we waited. This is what every executor calls, in whatever process.
+    """
+    from scaling.train import train_run  # torch is imported only where runs train
+
+    with run_lock(sweep_dir, run.run_id) as mine:
+        if not mine:
+            return "busy"
+        stored = read_run(sweep_dir, run.run_id)
+        if stored is not None and stored["status"] in FINISHED:
+            return "skipped"
+        try:
+            row = train_run(run, sweep_dir, progress=progress)
+        except Exception as exc:  # noqa: BLE001 - any failure of one run is stored, others go on
+            log.error("run %s failed: %s", run.run_id, exc)
+            write_run(sweep_dir, failed_row(run, exc))
+            return "failed"
+        return str(row["status"])
+
+
+def _worker(run_json: str, sweep_dir: str, threads: int) -> tuple[str, str]:
+    import torch
+
+    torch.set_num_threads(threads)
+    run = RunSpec.model_validate_json(run_json)
+    return run.run_id, execute_run(run, Path(sweep_dir))
+
+
+def run_sweep(
+    spec: SweepSpec,
+    results_root: Path,
+    *,
+    workers: int | None = None,
+    retry_failed: bool = False,
+    show_progress: bool = True,
+) -> SweepOutcome:
+    """Plan ``spec`` and train what is missing from ``results_root / spec.name``."""
+    planned = plan_sweep(spec)
+    sweep_dir = Path(results_root) / spec.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "sweep.json").write_text(spec.model_dump_json(indent=2))
+
+    # Load (and build, the first time) the corpus before any run starts, so a bad corpus
+    # path fails here and worker processes find the cache ready.
+    from scaling.data import load_corpus
+
+    load_corpus(spec.data)
+
+    stored = stored_status(sweep_dir)
+    pending = to_do(planned, stored, retry_failed)
+    outcome = SweepOutcome(sweep_dir=sweep_dir, planned=len(planned))
+    outcome.skipped = [p.run.run_id for p in planned if p not in pending]
+    if outcome.skipped:
+        log.info(
+            "%d of %d runs already stored; training %d",
+            len(outcome.skipped),
+            len(planned),
+            len(pending),
+        )
+    workers = workers or spec.launch.workers
+    if spec.launch.executor != "local":
+        raise LaunchError(f"launch.executor = {spec.launch.executor!r}: not available here")
+    if workers == 1:
+        _run_sequential(pending, sweep_dir, outcome, show_progress)
+    else:
+        _run_pool(pending, sweep_dir, outcome, workers, show_progress)
+    return outcome
+
+
+def _record(outcome: SweepOutcome, run_id: str, status: str) -> None:
+    if status == "busy":
+        outcome.busy.append(run_id)
+    elif status == "failed":
+        outcome.failed.append(run_id)
+    elif status == "skipped":
+        outcome.skipped.append(run_id)
+    else:
+        outcome.trained.append(run_id)
+
+
+def _run_sequential(
+    pending: list[PlannedRun], sweep_dir: Path, outcome: SweepOutcome, show: bool
+) -> None:
+    total = sum(p.run.steps for p in pending)
+    with tqdm(total=total, unit="step", disable=not show or not pending, dynamic_ncols=True) as bar:
+        for i, planned in enumerate(pending, 1):
+            bar.set_description(f"run {i}/{len(pending)} N={planned.counts.params:,}")
+            done_before = bar.n
+
+            def progress(step: int, steps: int, start: int = done_before) -> None:
+                bar.update(start + step - bar.n)
+
+            status = execute_run(planned.run, sweep_dir, progress)
+            bar.update(done_before + planned.run.steps - bar.n)
+            _record(outcome, planned.run.run_id, status)
+
+
+def _run_pool(
+    pending: list[PlannedRun], sweep_dir: Path, outcome: SweepOutcome, workers: int, show: bool
+) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # Largest runs first, so the pool does not end on one long run.
+    pending = sorted(pending, key=lambda p: -p.estimated_seconds)
+    context = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = [
+            pool.submit(
+                _worker, p.run.model_dump_json(), str(sweep_dir), p.run.train.threads or threads
+            )
+            for p in pending
+        ]
+        with tqdm(total=len(futures), unit="run", disable=not show or not futures) as bar:
+            for future in as_completed(futures):
+                run_id, status = future.result()
+                _record(outcome, run_id, status)
+                bar.update(1)
