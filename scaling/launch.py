@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import socket
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,10 +30,12 @@ from scaling.model.count import ModelShape, count
 from scaling.plan import PlannedRun, plan_sweep
 from scaling.results import load_runs, read_run, write_run
 from scaling.spec import RunSpec, SweepSpec
+from scaling.status import write_progress
 
 log = logging.getLogger(__name__)
 
 FINISHED = ("done", "diverged")
+PROGRESS_SECONDS = 5.0  # how often a running run refreshes its progress file
 
 
 @dataclass
@@ -130,12 +133,29 @@ def execute_run(
         if stored is not None and stored["status"] in FINISHED:
             return "skipped"
         try:
-            row = train_run(run, sweep_dir, progress=progress)
+            row = train_run(run, sweep_dir, progress=_with_progress_file(run, sweep_dir, progress))
         except Exception as exc:  # noqa: BLE001 - any failure of one run is stored, others go on
             log.error("run %s failed: %s", run.run_id, exc)
             write_run(sweep_dir, failed_row(run, exc))
             return "failed"
         return str(row["status"])
+
+
+def _with_progress_file(
+    run: RunSpec, sweep_dir: Path, progress: Callable[[int, int], None] | None
+) -> Callable[[int, int], None]:
+    """Wrap ``progress`` so that the run's progress file is refreshed every few seconds."""
+    last = [0.0]
+
+    def report(step: int, steps: int) -> None:
+        now = time.monotonic()
+        if step == steps or now - last[0] > PROGRESS_SECONDS:
+            last[0] = now
+            write_progress(sweep_dir, run.run_id, step, steps, step * run.train.batch_tokens)
+        if progress is not None:
+            progress(step, steps)
+
+    return report
 
 
 def _worker(run_json: str, sweep_dir: str, threads: int) -> tuple[str, str]:
