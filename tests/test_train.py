@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from scaling.checkpoint import checkpoint_path
 from scaling.data import load_corpus
@@ -129,3 +134,89 @@ def test_same_seed_same_loss(text: Path, tmp_path: Path) -> None:
 def test_bf16_runs(text: Path, tmp_path: Path) -> None:
     row = train_run(make_run(text, steps=4, precision="bf16"), tmp_path / "sweep")
     assert row["status"] == "done" and math.isfinite(row["loss"])
+
+
+# --- checkpoint and resume -------------------------------------------------------------
+
+CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+from scaling.spec import RunSpec
+from scaling.train import train_run
+
+run = RunSpec.model_validate_json(Path(sys.argv[1]).read_text())
+sweep, marker, at, action = Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+
+def progress(step, steps):
+    if step == at:
+        if action == "sleep":
+            marker.write_text(str(step))
+            time.sleep(120)
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+train_run(run, sweep, progress=progress)
+"""
+
+
+def _child(run: RunSpec, tmp_path: Path, at: int, action: str) -> subprocess.Popen:
+    spec = tmp_path / "run.json"
+    spec.write_text(run.model_dump_json())
+    args = [str(spec), str(tmp_path / "sweep"), str(tmp_path / "marker"), str(at), action]
+    return subprocess.Popen([sys.executable, "-c", CHILD, *args])
+
+
+def _same_curves(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    columns = [c for c in CURVES_SCHEMA.names if c != "tokens_per_second"]
+    pd.testing.assert_frame_equal(a[columns], b[columns])
+
+
+def test_sigkill_then_resume_is_bit_identical(text: Path, tmp_path: Path) -> None:
+    run = make_run(text, steps=12, checkpoint_interval=4, log_interval=2)
+    reference = train_run(run, tmp_path / "reference")
+
+    child = _child(run, tmp_path, at=6, action="sleep")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "marker").exists():
+        assert child.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    ckpt = checkpoint_path(tmp_path / "sweep", run.run_id)
+    assert torch.load(ckpt, weights_only=True)["step"] == 4
+    assert not (tmp_path / "sweep" / "runs").exists()
+
+    steps = []
+    resumed = train_run(run, tmp_path / "sweep", progress=lambda s, n: steps.append(s))
+    assert steps == list(range(5, 13))  # no step repeated, none skipped
+    assert resumed["loss"] == reference["loss"]
+    assert resumed["train_loss"] == reference["train_loss"]
+    _same_curves(load_curves(tmp_path / "sweep"), load_curves(tmp_path / "reference"))
+    assert not ckpt.exists()
+
+
+def test_sigterm_checkpoints_and_stops(text: Path, tmp_path: Path) -> None:
+    run = make_run(text, steps=12)
+    reference = train_run(run, tmp_path / "reference")
+
+    child = _child(run, tmp_path, at=6, action="term")
+    assert child.wait(timeout=60) == -signal.SIGTERM  # the default action ran after saving
+    ckpt = checkpoint_path(tmp_path / "sweep", run.run_id)
+    assert torch.load(ckpt, weights_only=True)["step"] == 7  # the step in flight finished
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)
+    resumed = train_run(run, tmp_path / "sweep")
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR2)) == before
+    assert resumed["loss"] == reference["loss"]
+    _same_curves(load_curves(tmp_path / "sweep"), load_curves(tmp_path / "reference"))
+
+
+def test_unusable_checkpoint_is_set_aside(text: Path, tmp_path: Path) -> None:
+    run = make_run(text, steps=4)
+    ckpt = checkpoint_path(tmp_path / "sweep", run.run_id)
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning, match="cannot resume"):
+        row = train_run(run, tmp_path / "sweep")
+    assert row["status"] == "done"
+    assert ckpt.with_name(ckpt.name + ".unusable").exists()
