@@ -68,9 +68,9 @@ def cli() -> None:
     setup_logging()
 
 
-from scaling.cli import sweep_cmds  # noqa: E402  (registers its commands on `cli`)
+from scaling.cli import fit_cmds, report_cmds, sweep_cmds  # noqa: E402
 
-for command in sweep_cmds.COMMANDS:
+for command in [*sweep_cmds.COMMANDS, *fit_cmds.COMMANDS, *report_cmds.COMMANDS]:
     cli.add_command(command)
 
 

@@ -1,0 +1,94 @@
+"""User mistakes through the command line: one clear line, exit status 2, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from scaling.cli import cli
+from scaling.results import run_path, write_run
+
+
+def _run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def _spec(tmp_path, **over) -> str:
+    raw = {
+        "name": "bad",
+        "data": {"corpus": "stdlib", "seq_len": 32},
+        "model": {"head_dim": 8},
+        "train": {"batch_tokens": 256},
+        "plan": {"kind": "grid", "params": [5.0e3], "tokens": [1.0e5]},
+    }
+    raw.update(over)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def _assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.output.startswith("error: ")
+    for fragment in fragments:
+        assert fragment in result.output
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_unknown_key_is_named_before_any_work(tmp_path, command):
+    spec = _spec(tmp_path, train={"batch_tokens": 256, "learning_rate": 1e-3})
+    result = (
+        _run(command, spec, "--results", str(tmp_path / "r"))
+        if command == "run"
+        else _run(command, spec)
+    )
+    _assert_user_error(result, spec, "unknown key 'train.learning_rate'")
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_corpus_is_named_before_any_run(tmp_path):
+    spec = _spec(tmp_path, data={"corpus": str(tmp_path / "no-such-dir"), "seq_len": 32})
+    result = _run("run", spec, "--results", str(tmp_path / "r"), "--no-analyze")
+    _assert_user_error(result, "no-such-dir")
+    assert not list((tmp_path / "r").glob("*/runs/*.parquet"))
+
+
+def test_impossible_budget_is_refused_by_plan(tmp_path):
+    spec = _spec(tmp_path, plan={"kind": "isoflop", "compute": [1.0e6], "params": [5e3, 1e4]})
+    _assert_user_error(_run("plan", spec), "plan.compute[0] = 1e+06: too small")
+
+
+def test_missing_spec_file(tmp_path):
+    _assert_user_error(_run("plan", str(tmp_path / "none.yaml")), "sweep spec not found")
+
+
+def test_fit_of_table_with_missing_column_names_it(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("N,loss\n1e6,3.0\n2e6,2.9\n")
+    result = _run("fit", str(table), "--col", "params=N")
+    _assert_user_error(result, "t.csv")
+
+
+def test_truncated_result_is_set_aside_and_the_rest_still_loads(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i in range(3):
+        write_run(
+            sweep,
+            {
+                "run_id": f"r{i}",
+                "status": "done",
+                "params": 10 ** (4 + i),
+                "tokens": 10**6,
+                "compute": 6 * 10 ** (10 + i),
+                "loss": 3.0 - 0.2 * i,
+            },
+        )
+    broken = run_path(sweep, "r2")
+    broken.write_bytes(broken.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="r2.parquet: cannot be read"):
+        result = CliRunner().invoke(cli, ["status", str(sweep), "--json"])
+    assert result.exit_code == 0
+    assert (sweep / "runs" / "r2.parquet.unreadable").exists()
+    assert run_path(sweep, "r0").exists() and run_path(sweep, "r1").exists()
