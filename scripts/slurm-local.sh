@@ -21,6 +21,7 @@ RUN=$STATE/run
 LOG=$STATE/log
 DB_DIR=$STATE/mysql
 DB_SOCKET=/run/mysqld/mysqld.sock # the default socket, where slurmdbd's client looks
+DB_PID=/run/mysqld/mariadbd.pid # mariadbd runs as mysql and writes it there
 DB_USER=slurm
 DB_PASS=slurm-local
 START_TIMEOUT=${SLURM_LOCAL_TIMEOUT:-60}
@@ -44,16 +45,15 @@ live_pid() {
     echo "$pid"
 }
 
-# Run a check command until it succeeds; on time-out, say why and show the log.
+# Run a check command until it succeeds; on time-out, show the log and fail.
 wait_until() {
-    local what=$1 timeout=$2 log=$3
-    shift 3
+    local timeout=$1 log=$2
+    shift 2
     local end=$(($(date +%s) + timeout))
     until "$@" >/dev/null 2>&1; do
         if (($(date +%s) >= end)); then
-            echo "slurm-local: error: $what not ready after ${timeout}s" >&2
             log_tail "$log" >&2
-            exit 1
+            return 1
         fi
         sleep 0.2
     done
@@ -76,12 +76,15 @@ install_packages() {
     if [[ ! -e $policy ]]; then
         printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && ours=1
     fi
+    local rc=0
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >"$LOG/apt.log" 2>&1 || { log_tail "$LOG/apt.log"; die "apt-get update failed"; }
-    apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >>"$LOG/apt.log" 2>&1 ||
-        { ((ours)) && rm -f "$policy"; log_tail "$LOG/apt.log"; die "apt-get install failed"; }
-    ((ours)) && rm -f "$policy"
-    true
+    {
+        apt-get update -qq &&
+            apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}"
+    } >"$LOG/apt.log" 2>&1 || rc=$?
+    if ((ours)); then rm -f "$policy"; fi
+    ((rc == 0)) || { log_tail "$LOG/apt.log"; die "apt-get failed (exit $rc)"; }
+    say "packages installed ($(($(date +%s) - T0)) s)"
 }
 
 # The node name must resolve, to this machine, for slurmctld and slurmd to find each other.
@@ -125,13 +128,18 @@ SlurmdPidFile=$RUN/slurmd.pid
 SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd.log
 MpiDefault=none
+MailProg=/bin/true
 # No cgroups here: resource limits count for scheduling only.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # Start jobs at once (under a second) instead of after the default 2-3 s batching.
-SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0,sched_interval=2
+# A requeued job waits for its step credential to expire before it may start again
+# (default 120 s, then up to a 60 s scheduling cycle); 10 s and a 2 s cycle keep
+# requeue tests short.
+AuthInfo=cred_expire=10
 # submitit reads job states through sacct, which needs accounting storage.
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
@@ -179,7 +187,7 @@ start_munge() {
     # munged forks into the background and writes /run/munge/munged.pid itself.
     runuser -u munge -- /usr/sbin/munged </dev/null >>"$LOG/daemons.out" 2>&1 ||
         { log_tail /var/log/munge/munged.log; die "munged did not start"; }
-    wait_until "munge" 10 /var/log/munge/munged.log munge_ok
+    wait_until 10 /var/log/munge/munged.log munge_ok || die "munge not ready after 10 s"
     say "munge started"
 }
 
@@ -198,10 +206,11 @@ start_mariadb() {
                 --skip-test-db >"$LOG/mariadb-install.log" 2>&1 ||
                 { log_tail "$LOG/mariadb-install.log"; die "mariadb-install-db failed"; }
         fi
+        touch "$LOG/mariadb.log" && chown mysql:mysql "$LOG/mariadb.log"
         detach mariadbd --user=mysql --datadir="$DB_DIR" --socket="$DB_SOCKET" \
-            --pid-file="$RUN/mariadb.pid" --skip-networking --log-error="$LOG/mariadb.log" \
+            --pid-file="$DB_PID" --skip-networking --log-error="$LOG/mariadb.log" \
             --innodb-buffer-pool-size=64M
-        wait_until "MariaDB" 30 "$LOG/mariadb.log" db_ok
+        wait_until 30 "$LOG/mariadb.log" db_ok || die "MariaDB not ready after 30 s"
         say "MariaDB started"
     fi
     db <<EOF
@@ -236,11 +245,11 @@ start() {
     start_mariadb
 
     if start_slurm_daemon slurmdbd "$LOG/slurmdbd.log"; then
-        wait_until "slurmdbd" 30 "$LOG/slurmdbd.log" slurmdbd_ok
+        wait_until 30 "$LOG/slurmdbd.log" slurmdbd_ok || die "slurmdbd not answering after 30 s"
         say "slurmdbd started"
     fi
     if start_slurm_daemon slurmctld "$LOG/slurmctld.log"; then
-        wait_until "slurmctld" 30 "$LOG/slurmctld.log" scontrol ping
+        wait_until 30 "$LOG/slurmctld.log" scontrol ping || die "slurmctld not answering after 30 s"
         say "slurmctld started"
     fi
     if start_slurm_daemon slurmd "$LOG/slurmd.log"; then
@@ -252,7 +261,9 @@ start() {
     case $(node_state) in
         down* | drain* | fail*) scontrol update nodename="$HOST" state=resume >/dev/null 2>&1 || true ;;
     esac
-    wait_until "node $HOST (state: $(node_state))" "$START_TIMEOUT" "$LOG/slurmd.log" node_idle
+    wait_until "$START_TIMEOUT" "$LOG/slurmd.log" node_idle ||
+        die "node $HOST is '$(node_state)', not idle, after $START_TIMEOUT s (slurmd: $(
+            live_pid "$RUN/slurmd.pid" slurmd >/dev/null && echo running || echo not running))"
     say "node $HOST idle, $(nproc) CPUs, partition debug ($(($(date +%s) - T0)) s)"
 }
 
@@ -280,7 +291,7 @@ stop() {
     stop_daemon slurmd "$RUN/slurmd.pid" slurmd
     stop_daemon slurmctld "$RUN/slurmctld.pid" slurmctld
     stop_daemon slurmdbd "$RUN/slurmdbd.pid" slurmdbd
-    stop_daemon MariaDB "$RUN/mariadb.pid" mariadbd
+    stop_daemon MariaDB "$DB_PID" mariadbd
     stop_daemon munge /run/munge/munged.pid munged
 }
 
@@ -292,13 +303,13 @@ wipe() {
 
 status() {
     local spec name file comm pid
-    for spec in munge:/run/munge/munged.pid:munged MariaDB:$RUN/mariadb.pid:mariadbd \
+    for spec in munge:/run/munge/munged.pid:munged MariaDB:$DB_PID:mariadbd \
         slurmdbd:$RUN/slurmdbd.pid:slurmdbd slurmctld:$RUN/slurmctld.pid:slurmctld \
         slurmd:$RUN/slurmd.pid:slurmd; do
         IFS=: read -r name file comm <<<"$spec"
         if pid=$(live_pid "$file" "$comm"); then say "$name running (pid $pid)"; else say "$name not running"; fi
     done
-    if command -v sinfo >/dev/null && sinfo >/dev/null 2>&1; then
+    if command -v sinfo >/dev/null && timeout 5 sinfo >/dev/null 2>&1; then
         say "node state: $(node_state)"
     else
         say "no cluster reachable"
