@@ -26,10 +26,8 @@ class SlurmCluster:
     """The most CPUs any node of the partition has."""
 
 
-def _sinfo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["sinfo", "-h", *args], capture_output=True, text=True, timeout=15, check=False
-    )
+def _run(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=15, check=False)
 
 
 @pytest.fixture(scope="session")
@@ -43,17 +41,23 @@ def slurm_cluster() -> SlurmCluster:
     partition = os.environ.get("SCALING_SLURM_PARTITION") or None
     part_args = ["-p", partition] if partition else []
     try:
-        states = _sinfo(*part_args, "-o", "%T")
-        cpus = _sinfo(*part_args, "-o", "%c")
+        # `scontrol ping` fails at once when no controller answers; sinfo retries for 9 s.
+        ping = _run("scontrol", "ping")
+        if ping.returncode != 0:
+            msg = ping.stdout.strip().splitlines()[:1]
+            pytest.skip(f"no SLURM cluster: `scontrol ping`: {msg} (scripts/slurm-local.sh start)")
+        nodes = _run("sinfo", "-h", *part_args, "-o", "%T %c")
     except subprocess.TimeoutExpired:
-        pytest.skip("no SLURM cluster: `sinfo` did not answer within 15 s")
-    if states.returncode != 0:
-        pytest.skip(f"no SLURM cluster: `sinfo` failed: {states.stderr.strip()}")
+        pytest.skip("no SLURM cluster: SLURM commands did not answer within 15 s")
+    if nodes.returncode != 0:
+        pytest.skip(f"no SLURM cluster: `sinfo` failed: {nodes.stderr.strip()}")
 
+    # One line per node group: state (with flag suffixes such as `*` or `~`) and CPUs.
+    rows = [line.split() for line in nodes.stdout.splitlines() if line.strip()]
     usable = {"idle", "mixed", "allocated", "completing"}
-    if not usable & {s.rstrip("*~#!%$@^-+") for s in states.stdout.split()}:
-        pytest.skip(f"no usable SLURM node; node states: {states.stdout.split()}")
-    max_cpus = max(int(c.rstrip("+")) for c in cpus.stdout.split())
+    if not any(state.rstrip("*~#!%$@^-+") in usable for state, _ in rows):
+        pytest.skip(f"no usable SLURM node; node states: {[state for state, _ in rows]}")
+    max_cpus = max(int(cpus.rstrip("+")) for _, cpus in rows)
     return SlurmCluster(partition=partition, max_cpus_per_node=max_cpus)
 
 
