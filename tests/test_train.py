@@ -131,6 +131,19 @@ def test_same_seed_same_loss(text: Path, tmp_path: Path) -> None:
     assert other["loss"] != first["loss"]
 
 
+def test_moe_run_logs_router_losses(text: Path, tmp_path: Path) -> None:
+    pytest.importorskip("scaling.model.moe")
+    run = make_run(text, steps=4, log_interval=2)
+    shape = {**run.shape, "family": "moe", "num_experts": 4, "top_k": 2}
+    run = run.model_copy(update={"shape": shape, "model": ModelSpec(family="moe", num_experts=4)})
+    row = train_run(run, tmp_path / "sweep")
+    assert row["status"] == "done" and row["num_experts"] == 4
+    assert row["params"] == count(ModelShape(**shape)).params
+    curve = load_curves(tmp_path / "sweep")
+    assert curve[["aux_loss", "z_loss", "dropped_fraction"]].notna().all().all()
+    assert (curve["aux_loss"] > 0).all()
+
+
 def test_bf16_runs(text: Path, tmp_path: Path) -> None:
     row = train_run(make_run(text, steps=4, precision="bf16"), tmp_path / "sweep")
     assert row["status"] == "done" and math.isfinite(row["loss"])
