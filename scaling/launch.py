@@ -222,7 +222,13 @@ def _run_sequential(
     pending: list[PlannedRun], sweep_dir: Path, outcome: SweepOutcome, show: bool
 ) -> None:
     total = sum(p.run.steps for p in pending)
-    with tqdm(total=total, unit="step", disable=not show or not pending, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        unit="step",
+        disable=not show or not pending,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    ) as bar:
         for i, planned in enumerate(pending, 1):
             bar.set_description(f"run {i}/{len(pending)} N={planned.counts.params:,}")
             done_before = bar.n
