@@ -180,6 +180,11 @@ def _build_stdlib(root: Path, spec: DataSpec, folder: Path) -> None:
     if not files:
         raise DataError(f"{root}: no .py files in the standard-library folder")
     train, val = _split_files(root, files, spec.val_fraction)
+    if not val:
+        raise DataError(
+            f"data.val_fraction = {spec.val_fraction}: no file of {root} falls in the held-out "
+            "share; raise it"
+        )
     train_arr = np.frombuffer(train, dtype=np.uint8)
     val_arr = np.frombuffer(val, dtype=np.uint8)
     meta = {
