@@ -1,10 +1,12 @@
 """Executors: run the planned runs of a sweep, skipping what is already stored.
 
-The local executor trains runs one after another in this process, or in a pool of worker
-processes. Each run takes a lock file first (``locks/RUN_ID.lock``, an exclusive ``flock``),
-and checks the store again once it holds it, so two ``scaling run`` commands on the same
-sweep never train the same run twice. A run that raises is stored as ``failed`` with the
-error's last lines; the others go on.
+Two executors share one contract. ``local`` trains runs one after another in this process,
+or in a pool of worker processes; ``slurm`` (``scaling.slurm``) submits them as the tasks
+of one job array. Either way every run goes through ``execute_run``, wherever it executes:
+it takes the run's lock file first (``locks/RUN_ID.lock``, an exclusive ``flock``) and
+checks the store again once it holds it, so two ``scaling run`` commands on the same sweep
+never train the same run twice. A run that raises is stored as ``failed`` with the error's
+last lines; the others go on. Neither the trainer nor the store knows which executor ran.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from multiprocessing import get_context
@@ -25,7 +27,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from scaling.errors import LaunchError
 from scaling.model.count import ModelShape, count
 from scaling.plan import PlannedRun, plan_sweep
 from scaling.results import load_runs, read_run, write_run
@@ -47,7 +48,8 @@ class SweepOutcome:
     skipped: list[str] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
-    busy: list[str] = field(default_factory=list)  # being trained by another process
+    busy: list[str] = field(default_factory=list)  # being trained by another process or job
+    submitted: list[str] = field(default_factory=list)  # handed to the scheduler (slurm)
 
 
 def stored_status(sweep_dir: Path) -> dict[str, str]:
@@ -117,26 +119,42 @@ def failed_row(run: RunSpec, error: BaseException | str, **extra: object) -> dic
 
 
 def execute_run(
-    run: RunSpec, sweep_dir: Path, progress: Callable[[int, int], None] | None = None
+    run: RunSpec,
+    sweep_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    extra: dict[str, object] | None = None,
 ) -> str:
     """Train one run under its lock, store a `failed` row if it raises; return its status.
 
     Returns ``"busy"`` when another process holds the run, ``"skipped"`` when its result
     appeared while we waited. This is what every executor calls, in whatever process.
+    ``extra`` adds columns to a `failed` row (the SLURM job id and state). In a
+    torch.distributed process group, rank 0 takes the lock and decides for all ranks.
     """
+    from scaling import distributed
     from scaling.train import train_run  # torch is imported only where runs train
 
-    with run_lock(sweep_dir, run.run_id) as mine:
-        if not mine:
-            return "busy"
-        stored = read_run(sweep_dir, run.run_id)
-        if stored is not None and stored["status"] in FINISHED:
-            return "skipped"
+    leader = distributed.rank() == 0
+    lock = run_lock(sweep_dir, run.run_id) if leader else nullcontext(True)
+    with lock as mine:
+        decision = "train"
+        if leader and not mine:
+            decision = "busy"
+        elif leader:
+            stored = read_run(sweep_dir, run.run_id)
+            if stored is not None and stored["status"] in FINISHED:
+                decision = "skipped"
+        decision = distributed.broadcast(decision)
+        if decision != "train":
+            return decision
+        report = _with_progress_file(run, sweep_dir, progress) if leader else progress
         try:
-            row = train_run(run, sweep_dir, progress=_with_progress_file(run, sweep_dir, progress))
+            row = train_run(run, sweep_dir, progress=report)
         except Exception as exc:  # noqa: BLE001 - any failure of one run is stored, others go on
             log.error("run %s failed: %s", run.run_id, exc)
-            write_run(sweep_dir, failed_row(run, exc))
+            if leader:
+                write_run(sweep_dir, failed_row(run, exc, **(extra or {})))
             return "failed"
         return str(row["status"])
 
@@ -173,12 +191,18 @@ def run_sweep(
     workers: int | None = None,
     retry_failed: bool = False,
     show_progress: bool = True,
+    wait: bool = True,
 ) -> SweepOutcome:
-    """Plan ``spec`` and train what is missing from ``results_root / spec.name``."""
+    """Plan ``spec`` and train what is missing from ``results_root / spec.name``.
+
+    With ``launch.executor: slurm`` the missing runs are submitted as one job array;
+    ``wait`` then says whether to wait for the tasks (their results are stored by the
+    tasks themselves either way).
+    """
     planned = plan_sweep(spec)
     sweep_dir = Path(results_root) / spec.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / "sweep.json").write_text(spec.model_dump_json(indent=2))
+    _write_atomic_text(sweep_dir / "sweep.json", spec.model_dump_json(indent=2))
 
     # Load (and build, the first time) the corpus before any run starts, so a bad corpus
     # path fails here and worker processes find the cache ready.
@@ -197,14 +221,33 @@ def run_sweep(
             len(planned),
             len(pending),
         )
+    if spec.launch.executor == "slurm":
+        from scaling.slurm import submit_sweep
+
+        submit_sweep(
+            spec.launch,
+            pending,
+            sweep_dir,
+            outcome,
+            retry_failed=retry_failed,
+            wait=wait,
+            show_progress=show_progress,
+        )
+        return outcome
     workers = workers or spec.launch.workers
-    if spec.launch.executor != "local":
-        raise LaunchError(f"launch.executor = {spec.launch.executor!r}: not available here")
     if workers == 1:
         _run_sequential(pending, sweep_dir, outcome, show_progress)
     else:
         _run_pool(pending, sweep_dir, outcome, workers, show_progress)
     return outcome
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    """Write through a temporary name unique to this process, so concurrent commands and
+    readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _record(outcome: SweepOutcome, run_id: str, status: str) -> None:

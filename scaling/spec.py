@@ -169,12 +169,66 @@ PlanSpec = Annotated[GridPlan | IsoflopPlan | RatioPlan, Field(discriminator="ki
 
 
 class LaunchSpec(_Strict):
-    """Where runs execute."""
+    """Where runs execute, and what a SLURM job of the sweep asks for.
+
+    The SLURM fields matter only with ``executor: slurm``; each run of the sweep is one
+    task of a single job array (see ``scaling.slurm``).
+    """
 
     executor: Literal["local", "slurm"] = "local"
     """``local`` (this machine) or ``slurm`` (through submitit)."""
     workers: PositiveInt = 1
     """Local worker processes (1: run in this process, one after another)."""
+    partition: str | None = None
+    """SLURM partition (default: the cluster's default partition)."""
+    time_min: PositiveInt = 60
+    """Time limit of one job, in minutes; a run that needs longer is requeued and resumes."""
+    nodes: PositiveInt = 1
+    """Nodes per run (more than one: the run trains with torch.distributed)."""
+    tasks_per_node: PositiveInt = 1
+    """Processes per node (more than one: the run trains with torch.distributed)."""
+    cpus_per_task: PositiveInt = 1
+    """CPUs per process; torch uses as many threads unless ``train.threads`` says otherwise."""
+    gpus_per_node: Annotated[int, Field(ge=0)] = 0
+    """GPUs per node."""
+    mem_gb: PositiveFloat | None = None
+    """Memory per node in GB (default: the partition's default)."""
+    account: str | None = None
+    """Account charged for the jobs."""
+    qos: str | None = None
+    """Quality of service."""
+    constraint: str | None = None
+    """Node features the jobs require (sbatch ``--constraint``)."""
+    sbatch: dict[str, str | int | float | bool] = {}
+    """Further sbatch long options, without the dashes (e.g. ``{reservation: r1}``)."""
+    setup: list[str] = []
+    """Shell lines run on the node before the task (module loads, environment activation)."""
+    python: str | None = None
+    """Python command on the nodes (default: the interpreter that submits)."""
+    array_parallelism: PositiveInt = 64
+    """Tasks of the sweep's array that may run at once."""
+    max_requeues: Annotated[int, Field(ge=0)] = 3
+    """Time-outs after which a run is no longer requeued (preemptions are not counted)."""
+    signal_delay_s: PositiveInt = 90
+    """Seconds before the time limit at which SLURM sends USR2: the run checkpoints and is
+    requeued."""
+    preflight: bool = True
+    """Before submitting, run one small job that checks that the nodes import this package
+    and its dependencies at the versions of the submitting host."""
+
+    @field_validator("sbatch")
+    @classmethod
+    def _known_sbatch_options(cls, value: dict) -> dict:
+        from scaling.slurm import check_sbatch_options
+
+        return check_sbatch_options(value)
+
+    @field_validator("partition", "account", "qos", "constraint", "python")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (leave it out for the default)")
+        return value
 
 
 class SweepSpec(_Strict):

@@ -91,6 +91,12 @@ def plan_cmd(spec: Path, as_json: bool) -> None:
     help="Fit, predict and plot when the runs are done.",
 )
 @click.option("--law", default="chinchilla", show_default=True, help="Law of the closing fit.")
+@click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="With --executor slurm: wait for the job array (else submit and return).",
+)
 def run_cmd(
     spec: Path,
     executor: str | None,
@@ -99,8 +105,13 @@ def run_cmd(
     retry_failed: bool,
     analyze: bool,
     law: str,
+    wait: bool,
 ) -> None:
-    """Train the runs of SPEC that are not stored yet, then fit, predict and plot."""
+    """Train the runs of SPEC that are not stored yet, then fit, predict and plot.
+
+    With --executor slurm the missing runs (and failed ones, with --retry-failed) that no
+    live job holds go to the cluster as one job array; the tasks store their own results.
+    """
     from scaling.launch import run_sweep
     from scaling.spec import load_sweep
 
@@ -109,7 +120,7 @@ def run_cmd(
         sweep = sweep.model_copy(
             update={"launch": sweep.launch.model_copy(update={"executor": executor})}
         )
-    outcome = run_sweep(sweep, results_root, workers=workers, retry_failed=retry_failed)
+    outcome = run_sweep(sweep, results_root, workers=workers, retry_failed=retry_failed, wait=wait)
     click.echo(
         f"sweep {sweep.name}: {outcome.planned} runs planned, {len(outcome.trained)} trained, "
         f"{len(outcome.skipped)} already stored, {len(outcome.failed)} failed"
@@ -117,6 +128,12 @@ def run_cmd(
     )
     for run_id in outcome.failed:
         click.echo(f"  failed: {run_id} (see `scaling status {outcome.sweep_dir}`)")
+    if outcome.submitted and not wait:
+        click.echo(
+            f"submitted {len(outcome.submitted)} runs; follow them with "
+            f"`scaling status {outcome.sweep_dir}`"
+        )
+        analyze = False
     if analyze:
         from scaling.report import closing_summary
 
@@ -131,19 +148,24 @@ def run_cmd(
 @click.argument("sweep_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def status_cmd(sweep_dir: Path, as_json: bool) -> None:
-    """Where every run of a sweep stands: pending, running, done, failed, diverged."""
+    """Where every run of a sweep stands: pending, running, done, failed, diverged, preempted.
+
+    Shows each run's job id and SLURM state (asking the scheduler for runs submitted to
+    it), tokens done, last loss and the last line of a failed run's error.
+    """
     from scaling.cli import echo_json
-    from scaling.status import sweep_status
+    from scaling.status import summary_line, sweep_status
 
     table = sweep_status(sweep_dir)
     counts = table["state"].value_counts().to_dict()
-    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    summary = summary_line(table)
     if as_json:
         echo_json(
             {
                 "sweep_dir": str(sweep_dir),
                 "summary": counts,
-                "runs": table.to_dict(orient="records"),
+                "summary_line": summary,
+                "runs": table.astype(object).where(table.notna(), None).to_dict(orient="records"),
             }
         )
         return
@@ -152,7 +174,7 @@ def status_cmd(sweep_dir: Path, as_json: bool) -> None:
     for row in table.itertuples():
         if row.state == "failed" and row.error:
             click.echo(f"\n{row.run_id} failed:\n  " + str(row.error).strip().splitlines()[-1])
-    click.echo(f"\n{len(table)} runs: {summary}")
+    click.echo(f"\n{summary}")
 
 
 COMMANDS = [plan_cmd, run_cmd, status_cmd]
