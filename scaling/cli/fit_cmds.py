@@ -246,10 +246,13 @@ def predict_cmd(
         _emit_json(out)
         return
     level = out["level"]
-    interval = _interval(out["interval"]) if out["interval"] else out.get("interval_reason")
+    if out["interval"]:
+        interval = f"{level:.0%} interval {_interval(out['interval'])}"
+    else:
+        interval = f"({out.get('interval_reason')})"
     click.echo(
         f"law {out['law']}: C = {_fmt(out['compute'])}, N = {_fmt(out['params'])}, "
-        f"D = {_fmt(out['tokens'])}\nloss {_fmt(out['loss'], 6)}  {level:.0%} interval {interval}"
+        f"D = {_fmt(out['tokens'])}\nloss {_fmt(out['loss'], 6)}  {interval}"
     )
 
 

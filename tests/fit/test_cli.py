@@ -91,3 +91,31 @@ def test_predict_needs_a_point(table):
     result = _invoke(["predict", str(table), "--params", "1e9"])
     assert isinstance(result.exception, ScalingError)
     assert "--compute" in str(result.exception)
+
+
+def test_approach_2_allocations_and_compare(table):
+    result = _invoke(["fit", str(table), "--col", "params=N_total", "--approach", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["approach"] == 2 and payload["allocation"]["a"] == pytest.approx(0.45, abs=0.03)
+
+    result = _invoke(
+        ["allocations", str(table), "--col", "params=N_total", "--bootstrap", "20", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    table_json = json.loads(result.stdout)
+    assert table_json["1 (training-curve envelope)"]["allocation"] is None
+    assert table_json["3 (parametric)"]["allocation"]["ci"]["a"] is not None
+
+    result = _invoke(["allocations", str(table), "--col", "params=N_total", "--bootstrap", "20"])
+    assert result.exit_code == 0, result.output
+    assert "2 (IsoFLOP parabolas)" in result.stdout and "unavailable" in result.stdout
+
+    result = _invoke(
+        ["compare", str(table), "--col", "params=N_total", "--law", "chinchilla",
+         "--law", "nd-noE", "--bootstrap", "10", "--json"]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["laws"]
+    assert [r["law"] for r in rows] == ["chinchilla", "nd-noE"]
+    assert {"aic", "bic", "holdout_mean_abs_error", "holdout_coverage"} <= set(rows[0])
