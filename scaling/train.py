@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 import scaling
+from scaling import distributed
 from scaling.checkpoint import checkpoint_path, load_checkpoint, remove_checkpoint, save_checkpoint
 from scaling.data import Corpus, get_batch, load_corpus, val_windows
 from scaling.errors import SpecError
@@ -168,6 +169,9 @@ class _Loop:
 
         torch.manual_seed(self.train.seed)
         self.model = GPT(self.shape, run.model)
+        # In a torch.distributed process group: DDP for the training forward (averages the
+        # gradients over ranks); each rank trains on its share of every batch.
+        self.forward = distributed.wrap(self.model, find_unused=self.shape.n_moe_layers > 0)
         self.params = list(self.model.parameters())
         self.optimizer = build_optimizer(self.model, self.train)
 
@@ -196,6 +200,8 @@ class _Loop:
         log.info("run %s: resuming at step %d/%d", self.run.run_id, self.step, self.run.steps)
 
     def save(self, wall: float) -> None:
+        if distributed.rank() != 0:
+            return
         state = {
             "run_id": self.run.run_id,
             "step": self.step,
@@ -219,13 +225,15 @@ class _Loop:
             group["lr"] = lr
         seq_len = self.run.data.seq_len
         x, y = get_batch(self.corpus, self.batch, seq_len, self.train.seed, self.step)
-        n_micro = self.batch // self.micro
+        x, y = distributed.shard(x), distributed.shard(y)
+        micro = min(self.micro, len(x))
+        n_micro = len(x) // micro
         ce = torch.zeros(())
         moe = torch.zeros(len(MOE_STATS))
         for i in range(n_micro):
-            part = slice(i * self.micro, (i + 1) * self.micro)
+            part = slice(i * micro, (i + 1) * micro)
             with _autocast(self.train):
-                _, loss, stats = self.model(x[part], y[part])
+                _, loss, stats = self.forward(x[part], y[part])
             # Each micro-batch's mean loss is divided by their number, so the gradient is the
             # mean over the whole batch, as if it were one forward pass.
             (loss / n_micro).backward()
@@ -234,7 +242,7 @@ class _Loop:
                 moe += torch.stack([stats[k] for k in MOE_STATS]) / n_micro
         max_norm = self.train.grad_clip if self.train.grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        return ce, moe, grad_norm
+        return distributed.mean(ce), distributed.mean(moe), grad_norm
 
     def finish_step(self) -> None:
         self.optimizer.step()
@@ -280,7 +288,14 @@ def _batch_sizes(run: RunSpec) -> tuple[int, int]:
             f"train.micro_batch_tokens = {micro_tokens}: must be a multiple of data.seq_len = "
             f"{seq_len} that divides train.batch_tokens = {train.batch_tokens}"
         )
-    return train.batch_tokens // seq_len, micro_tokens // seq_len
+    batch, micro = train.batch_tokens // seq_len, micro_tokens // seq_len
+    ranks = distributed.world_size()
+    if batch % ranks or (batch // ranks > micro and (batch // ranks) % micro):
+        raise SpecError(
+            f"train.batch_tokens = {train.batch_tokens}: {batch} sequences do not split over "
+            f"{ranks} processes in whole micro-batches of {micro}"
+        )
+    return batch, micro
 
 
 def _is_finite(ce: Tensor, grad_norm: Tensor) -> bool:
@@ -345,10 +360,11 @@ def train_run(
     if caught is not None and loop.step < run.steps and error is None:
         redeliver(caught, finished=False)
 
-    write_curve(sweep_dir, run.run_id, loop.curve)
     row = _run_row(loop, error, wall)
-    write_run(sweep_dir, row)
-    remove_checkpoint(loop.ckpt)
+    if distributed.rank() == 0:  # one writer in a process group
+        write_curve(sweep_dir, run.run_id, loop.curve)
+        write_run(sweep_dir, row)
+        remove_checkpoint(loop.ckpt)
     if caught is not None:
         redeliver(caught, finished=True)  # the run is stored; now stop as asked
     return row
