@@ -220,14 +220,15 @@ def _allocation_text(title: str, alloc) -> str:
 @click.option("--compute", type=float, help="FLOP budget: compute-optimal N, D and loss.")
 @click.option("--params", type=float, help="Parameters N (with --tokens).")
 @click.option("--tokens", type=float, help="Tokens D (with --params).")
+@click.option("--unique-tokens", type=float, help="Unique tokens (data-constrained law).")
 @_law_options
 @_source_options
 @click.option("--bootstrap", type=int, default=0, show_default=True, help="Resamples (fit).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def predict_cmd(
-    source_or_fit, compute, params, tokens, law, param_ranges, columns, flops_factor, bootstrap,
-    seed, as_json,
+    source_or_fit, compute, params, tokens, unique_tokens, law, param_ranges, columns,
+    flops_factor, bootstrap, seed, as_json,
 ):  # fmt: skip
     """Predict the loss from a fit JSON, or from SOURCE fitted on the fly."""
     from scaling.fit.fitter import FitResult, predict
@@ -241,7 +242,9 @@ def predict_cmd(
             source_or_fit, law, param_ranges, columns, flops_factor, bootstrap=bootstrap,
             seed=seed,
         )  # fmt: skip
-    out = predict(result, params=params, tokens=tokens, compute=compute)
+    out = predict(
+        result, params=params, tokens=tokens, compute=compute, unique_tokens=unique_tokens
+    )
     if as_json:
         _emit_json(out)
         return

@@ -103,3 +103,19 @@ def test_kaplan_law_at_published_values():
         expected
     )
     assert math.isfinite(expected)
+
+
+def test_data_constrained_law_recovers_decay_constant():
+    from conftest import isoflop_sweep
+
+    data = isoflop_sweep(np.geomspace(1e17, 1e21, 7), 8, 0.0, 0)
+    rng = np.random.default_rng(1)
+    data["unique_tokens"] = data["tokens"] / rng.choice([1, 2, 4, 8, 16], len(data))
+    law = get_law("muennighoff")
+    theta = np.array([[1.69, 406.4, 0.34, 410.7, 0.28, 15.4]])  # R_D* of Muennighoff et al.
+    X = {"N": data["params"].values, "D": data["tokens"].values, "U": data["unique_tokens"].values}
+    data["loss"] = law.predict(theta, X)[0] * np.exp(0.005 * rng.standard_normal(len(data)))
+    with pytest.warns(UserWarning):
+        result = fit(data, "muennighoff")
+    assert result.params["R_star"] == pytest.approx(15.4, rel=0.25)
+    assert result.params["beta"] == pytest.approx(0.28, abs=0.03)
