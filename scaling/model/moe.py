@@ -124,9 +124,11 @@ def _expert_mlp(x: Tensor, w_up: Tensor, w_down: Tensor, counts: list[int]) -> T
     ``x`` is ``[M, d_model]`` sorted by expert; returns ``[M, d_model]`` in the same order.
     Experts with no rows are skipped (their weights get a zero gradient).
     """
-    # NOTE: a loop of plain matmuls, one pair per expert. On CPU it measured as fast as
-    # torch's `grouped_mm` (which loops the same way there and needs 16-byte aligned
-    # strides), and it runs on any device and dtype.
+    # NOTE: a loop of plain matmuls, one pair per expert, on any device and dtype. Measured
+    # on CPU (8 experts, top-2, 4096 tokens, d_model 128 and 256, forward + backward, one
+    # thread, against a dense MLP of the same active size): this loop 0.9-1.1x the dense
+    # time, torch's `grouped_mm` 1.1x (it loops the same way on CPU and needs 16-byte
+    # aligned strides), a padded batched matmul 1.15-1.35x.
     outputs = []
     for chunk, up, down in zip(x.split(counts), w_up.unbind(0), w_down.unbind(0), strict=True):
         if chunk.shape[0]:
