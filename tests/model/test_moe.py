@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from scaling.data import load_corpus
 from scaling.model.count import ModelShape, count
+from scaling.model.gpt import GPT, MOE_STATS
 from scaling.model.moe import (
     MoEMLP,
     dispatch_order,
@@ -17,7 +20,8 @@ from scaling.model.moe import (
     load_balancing_loss,
     router_z_loss,
 )
-from scaling.spec import ModelSpec
+from scaling.spec import DataSpec, ModelSpec, RunSpec, TrainSpec
+from scaling.train import _Loop
 
 
 def make_shape(
@@ -311,3 +315,75 @@ def test_bf16_autocast_runs_and_keeps_dtype() -> None:
         y, stats = moe(x)
     assert y.dtype == x.dtype
     assert stats["aux_loss"].dtype == torch.float32
+
+
+# Balance is judged per layer
+
+
+def _opposite_layers_gpt(n_experts: int = 8) -> GPT:
+    """A two-block MoE GPT (Switch, top-1) where every token reaches each router as the
+    same vector, block 0's router sends it to expert 0 and block 1's to expert 1."""
+    shape = ModelShape(
+        vocab_size=256, seq_len=16, n_layers=2, d_model=16, n_heads=2, d_ff=32, family="moe",
+        num_experts=n_experts, top_k=1,
+    )  # fmt: skip
+    model = GPT(shape, make_spec(router="switch", top_k=1, num_experts=n_experts))
+    with torch.no_grad():
+        # Every token embeds to the same vector; attention and experts add nothing to the
+        # residual stream, so both routers see LayerNorm(v) for every token.
+        v = torch.linspace(-1.0, 1.0, 16)
+        model.tok_emb.weight.copy_(v.expand(256, 16))
+        model.pos_emb.weight.zero_()
+        u = F.layer_norm(v, (16,))
+        for expert, block in enumerate(model.blocks):
+            block.attn.proj.weight.zero_()
+            block.mlp.w_down.zero_()
+            block.mlp.router.weight.zero_()
+            block.mlp.router.weight[expert] = 5.0 * u
+    return model
+
+
+def test_per_layer_balance_is_not_hidden_by_pooling_layers() -> None:
+    model = _opposite_layers_gpt()
+    idx = torch.randint(0, 256, (2, 16))
+    _, _, stats = model(idx, idx)
+
+    # What each router sees (the same for both blocks, see _opposite_layers_gpt).
+    x = model.blocks[0].ln2(model.tok_emb(idx).reshape(-1, 16))  # [32, 16]
+    routed = [block.mlp.route(x) for block in model.blocks]
+    probs = [r[0] for r in routed]
+    chosen = [r[2] for r in routed]
+    assert [c.unique().tolist() for c in chosen] == [[0], [1]]
+
+    # Each layer sends every token to one expert: each layer's loss is num_experts = 8,
+    # and so is their average, which is what the GPT reports and trains on.
+    per_layer = [load_balancing_loss(p, c, 8).item() for p, c in zip(probs, chosen, strict=True)]
+    assert per_layer == pytest.approx([8.0, 8.0], rel=1e-4)
+    assert stats["aux_loss"].item() == pytest.approx(8.0, rel=1e-4)
+
+    # Pooling both layers' assignments and probabilities before the product would look
+    # twice as balanced: f = P = (1/2, 1/2, 0, ...), so 8 * (1/4 + 1/4) = 4.
+    pooled = load_balancing_loss(torch.cat(probs), torch.cat(chosen), 8)
+    assert pooled.item() == pytest.approx(4.0, rel=1e-4)
+
+
+def test_trainer_reports_the_per_layer_average(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(bytes(range(256)) * 40)
+    model = _opposite_layers_gpt()
+    run = RunSpec(
+        sweep="t",
+        data=DataSpec(corpus=str(corpus), seq_len=16, val_tokens=4 * 17),
+        model=model.spec,
+        train=TrainSpec(batch_tokens=64, micro_batch_tokens=32, threads=1),
+        shape=model.shape.to_dict(),
+        steps=1,
+        tokens=64,
+        target_params=1e4,
+    )
+    loop = _Loop(run, load_corpus(run.data), tmp_path / "ckpt.pt")
+    loop.model.load_state_dict(model.state_dict())
+    _, moe, _ = loop.train_step(lr=0.0)  # two micro-batches, averaged
+    stats = dict(zip(MOE_STATS, moe.tolist(), strict=True))
+    assert stats["aux_loss"] == pytest.approx(8.0, rel=1e-4)
+    assert stats["dropped_fraction"] == 0.0
