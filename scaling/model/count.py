@@ -181,33 +181,43 @@ def shape_for_params(
 ) -> ModelShape:
     """The shape whose size is closest (in log) to ``target``.
 
-    Width is a whole number of heads; depth is ``round(d_model / aspect_ratio)`` (at least
-    one block), so that ``d_model / n_layers`` stays near ``aspect_ratio``. ``by`` names the
-    count that is matched (``params``, ``params_active`` or ``params_nonembedding``).
-    Extra keyword arguments are MoE fields of ``ModelShape``.
+    Width is a whole number of heads. For each width, depth is ``d_model / aspect_ratio``
+    rounded down or up (at least one block), so that ``d_model / n_layers`` stays near
+    ``aspect_ratio``; taking both roundings gives a ladder of sizes about 1.3x apart even
+    for the smallest models, where whole heads are a coarse step. Of two shapes equally
+    close in size, the one nearer the aspect ratio wins. ``by`` names the count that is
+    matched (``params``, ``params_active`` or ``params_nonembedding``). Extra keyword
+    arguments are MoE fields of ``ModelShape``.
     """
     if target <= 0:
         raise ValueError(f"target size must be positive, got {target}")
-    best: tuple[float, ModelShape] | None = None
+    best: tuple[float, float, ModelShape] | None = None
     d_model = head_dim
     while True:
-        n_layers = max(1, round(d_model / aspect_ratio))
-        shape = ModelShape(
-            vocab_size=vocab_size,
-            seq_len=seq_len,
-            n_layers=n_layers,
-            d_model=d_model,
-            n_heads=d_model // head_dim,
-            d_ff=int(round(mlp_ratio * d_model)),
-            tie_embeddings=tie_embeddings,
-            **moe,
-        )
-        size = getattr(count(shape), by)
-        gap = abs(math.log(size / target))
-        if best is None or gap < best[0]:
-            best = (gap, shape)
-        if size > target:
-            return best[1]
+        depths = {
+            max(1, math.floor(d_model / aspect_ratio)),
+            max(1, math.ceil(d_model / aspect_ratio)),
+        }
+        sizes = []
+        for n_layers in sorted(depths):
+            shape = ModelShape(
+                vocab_size=vocab_size,
+                seq_len=seq_len,
+                n_layers=n_layers,
+                d_model=d_model,
+                n_heads=d_model // head_dim,
+                d_ff=int(round(mlp_ratio * d_model)),
+                tie_embeddings=tie_embeddings,
+                **moe,
+            )
+            size = getattr(count(shape), by)
+            sizes.append(size)
+            gap = abs(math.log(size / target))
+            skew = abs(math.log(d_model / n_layers / aspect_ratio))
+            if best is None or (gap, skew) < best[:2]:
+                best = (gap, skew, shape)
+        if min(sizes) > target:
+            return best[2]
         d_model += head_dim
 
 
