@@ -1,9 +1,11 @@
 """Planners: turn a sweep spec into resolved runs (shape, N, D, C), without running them.
 
-``grid`` crosses sizes with token counts; ``isoflop`` gives each compute budget several
-sizes and the tokens that keep it on budget; ``ratio`` fixes tokens per parameter. Every
-planner sizes models with ``scaling.model.count.shape_for_params`` and recomputes D from the
-achieved N, so the realised compute stays on budget up to one batch of tokens.
+``grid`` crosses sizes with token counts (with ``schedule: wsd`` the token counts of one size
+are cooldown branches of one long run: see ``scaling.wsd``); ``isoflop`` gives each compute
+budget several sizes and the tokens that keep it on budget; ``ratio`` fixes tokens per
+parameter. Every planner sizes models with ``scaling.model.count.shape_for_params`` and
+recomputes D from the achieved N, so the realised compute stays on budget up to one batch of
+tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scaling import wsd
 from scaling.errors import SpecError
 from scaling.model.count import Counts, ModelShape, count, shape_for_params
 from scaling.spec import GridPlan, IsoflopPlan, RatioPlan, RunSpec, SweepSpec
@@ -42,8 +45,18 @@ class PlannedRun:
         return self.run.tokens * self.counts.flops(self.run.flops)
 
     @property
+    def trained_tokens(self) -> int:
+        """Tokens this run trains itself: all of them, or for a WSD branch trained after its
+        shorter siblings, the trunk from the previous branch point on and its cooldown."""
+        if not self.run.branches:
+            return self.run.tokens
+        point = wsd.branch_point(self.run.steps, self.run.train)
+        earlier = [b for b in wsd.branch_points(self.run) if b < point]
+        return (self.run.steps - max(earlier, default=0)) * self.run.train.batch_tokens
+
+    @property
     def estimated_seconds(self) -> float:
-        return self.run.tokens * self.counts.flops_per_token / ASSUMED_FLOPS_PER_SECOND
+        return self.trained_tokens * self.counts.flops_per_token / ASSUMED_FLOPS_PER_SECOND
 
     def summary(self) -> dict:
         """One flat row for tables and JSON."""
@@ -64,6 +77,11 @@ class PlannedRun:
             "compute": self.compute,
             "compute_6n": self.run.tokens * self.counts.flops_6n,
             "compute_shape": self.run.tokens * self.counts.flops_per_token,
+            "compute_kaplan": self.run.tokens * self.counts.flops_kaplan,
+            "branched_from": wsd.trunk_id(self.run) if self.run.branches else None,
+            "branch_step": (
+                wsd.branch_point(self.run.steps, self.run.train) if self.run.branches else None
+            ),
             "estimated_seconds": self.estimated_seconds,
         }
 
@@ -141,6 +159,7 @@ def _make(
     steps: int,
     target_params: float,
     target_compute: float | None,
+    branches: list[int] | None = None,
 ) -> PlannedRun:
     run = RunSpec(
         sweep=spec.name,
@@ -153,6 +172,7 @@ def _make(
         target_params=float(target_params),
         target_compute=None if target_compute is None else float(target_compute),
         flops=spec.flops,
+        branches=branches or [],
     )
     return PlannedRun(run=run, shape=shape, counts=count(shape))
 
@@ -181,8 +201,18 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
     planned: list[PlannedRun] = []
 
     if isinstance(plan, GridPlan):
+        steps = sorted({_steps(tokens, batch) for tokens in plan.tokens})
+        # WSD: the token counts of one size branch off one stable-phase trunk, shortest
+        # first, so that each branch picks up the trunk where the previous one left it.
+        branched = spec.train.schedule == "wsd" and len(steps) > 1
+        if branched:
+            wsd.check_branches(steps, spec.train)
         for target in plan.params:
             shape = sizer.shape(target)
+            if branched:
+                for s in steps:
+                    planned.append(_make(spec, shape, s, target, None, branches=steps))
+                continue
             for tokens in plan.tokens:
                 planned.append(_make(spec, shape, _steps(tokens, batch), target, None))
 

@@ -272,11 +272,18 @@ class RunSpec(_Strict):
     target_compute: float | None = None
     """Budget the run belongs to (IsoFLOP and ratio-over-compute plans)."""
     flops: Literal["6n", "shape", "kaplan"] = "6n"
+    branches: list[PositiveInt] = []
+    """WSD cooldown branch (``schedule: wsd`` with a grid plan): the ``steps`` of every run
+    that branches off the same stable-phase trunk, this one's among them (``scaling.wsd``);
+    empty for a run trained on its own."""
 
     @property
     def run_id(self) -> str:
         """A stable hash of everything that changes what the run computes."""
-        payload = self.model_dump(mode="json", exclude={"sweep", "target_params", "target_compute"})
+        exclude = {"sweep", "target_params", "target_compute"}
+        if not self.branches:
+            exclude.add("branches")  # runs without branches keep the ids they always had
+        payload = self.model_dump(mode="json", exclude=exclude)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

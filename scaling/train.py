@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 import scaling
-from scaling import distributed
+from scaling import distributed, wsd
 from scaling.checkpoint import checkpoint_path, load_checkpoint, remove_checkpoint, save_checkpoint
 from scaling.data import Corpus, get_batch, load_corpus, val_windows
 from scaling.errors import SpecError
@@ -74,6 +74,14 @@ def lr_at(step: int, steps: int, train: TrainSpec) -> float:
     if step < start:
         return peak
     return peak + (floor - peak) * (step - start + 1) / cooldown
+
+
+def run_lr(step: int, run: RunSpec) -> float:
+    """Learning rate of step ``step`` of ``run``: ``lr_at`` over its own steps, except that a
+    WSD cooldown branch (``scaling.wsd``) follows its trunk's warm-up up to its branch point."""
+    if run.branches and step < wsd.branch_point(run.steps, run.train):
+        return lr_at(step, wsd.trunk_steps(run), run.train)
+    return lr_at(step, run.steps, run.train)
 
 
 def eval_steps(steps: int, points: int) -> list[int]:
@@ -165,6 +173,10 @@ class _Loop:
         self.flops = self.counts.flops(run.flops)
         self.batch, self.micro = _batch_sizes(run)
         self.evals = set(eval_steps(run.steps, self.train.eval_points))
+        self.trunk_saves = wsd.trunk_saves(run) if run.branches else set()
+        if run.branches:  # a WSD branch: the trunk's points, placed alike in every branch
+            trunk_evals = eval_steps(wsd.trunk_steps(run), self.train.eval_points)
+            self.evals = wsd.eval_points(run, trunk_evals)
         self.val = val_windows(corpus, run.data.seq_len, run.data.val_tokens)
 
         torch.manual_seed(self.train.seed)
@@ -186,6 +198,10 @@ class _Loop:
 
     def resume(self) -> None:
         state = load_checkpoint(self.ckpt, self.run.run_id)
+        if state is None and self.run.branches:
+            # A WSD branch starts from the newest checkpoint its trunk left on the way.
+            start = wsd.trunk_start(self.ckpt.parent.parent, self.run)
+            state = load_checkpoint(*start) if start is not None else None
         if state is None:
             return
         self.model.load_state_dict(state["model"])
@@ -199,11 +215,12 @@ class _Loop:
         self.started_at = datetime.fromisoformat(state["started_at"])
         log.info("run %s: resuming at step %d/%d", self.run.run_id, self.step, self.run.steps)
 
-    def save(self, wall: float) -> None:
+    def save(self, wall: float, path: Path | None = None, run_id: str | None = None) -> None:
+        """Checkpoint the run (or, with ``path`` and ``run_id``, a WSD trunk point)."""
         if distributed.rank() != 0:
             return
         state = {
-            "run_id": self.run.run_id,
+            "run_id": run_id or self.run.run_id,
             "step": self.step,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -214,7 +231,7 @@ class _Loop:
             "wall_seconds": wall,
             "started_at": self.started_at.isoformat(),
         }
-        save_checkpoint(self.ckpt, state)
+        save_checkpoint(path or self.ckpt, state)
         log.debug("run %s: checkpoint at step %d", self.run.run_id, self.step)
 
     # one step -----------------------------------------------------------------------------
@@ -365,6 +382,8 @@ def train_run(
         write_curve(sweep_dir, run.run_id, loop.curve)
         write_run(sweep_dir, row)
         remove_checkpoint(loop.ckpt)
+        if run.branches:
+            wsd.remove_unneeded(sweep_dir, run)
     if caught is not None:
         redeliver(caught, finished=True)  # the run is stored; now stop as asked
     return row
@@ -381,7 +400,7 @@ def _train(
     error = None
     with stop_signals() as caught:
         while loop.step < run.steps:
-            lr = lr_at(loop.step, run.steps, train)
+            lr = run_lr(loop.step, run)
             ce, moe, grad_norm = loop.train_step(lr)
             if not _is_finite(ce, grad_norm):
                 error = (
@@ -403,6 +422,11 @@ def _train(
                 interval_start, interval_steps = time.perf_counter(), 0
 
             wall = loop.wall_before + time.perf_counter() - started
+            if run.branches and step in loop.trunk_saves:
+                sweep_dir = loop.ckpt.parent.parent
+                path = wsd.trunk_checkpoint(sweep_dir, run, step)
+                if not path.exists():  # for the longer branches of this trunk
+                    loop.save(wall, path, wsd.trunk_checkpoint_id(run, step))
             if caught or (train.checkpoint_interval and step % train.checkpoint_interval == 0):
                 if step < run.steps:
                     loop.save(wall)
@@ -485,6 +509,7 @@ def _run_row(loop: _Loop, error: str | None, wall: float) -> dict:
         "scaling_version": scaling.__version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
+        "branched_from": wsd.trunk_id(run) if run.branches else None,
         "job_id": os.environ.get("SLURM_JOB_ID"),
         "spec": run.model_dump_json(),
     }

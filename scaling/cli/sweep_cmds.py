@@ -34,6 +34,12 @@ def _plan_table(rows: list[dict]) -> str:
             "est. s": frame["estimated_seconds"].map(lambda v: f"{v:.0f}"),
         }
     )
+    if frame["branched_from"].notna().any():
+        # WSD cooldown branches: the trunk each one leaves, and at which step.
+        shown.insert(1, "trunk", frame["branched_from"].fillna("-"))
+        shown.insert(
+            2, "from step", frame["branch_step"].map(lambda v: "-" if pd.isna(v) else int(v))
+        )
     return shown.to_string(index=False)
 
 
