@@ -589,6 +589,7 @@ def wait_for(
     from submitit.helpers import as_completed
     from tqdm.auto import tqdm
 
+    from scaling.launch import _record
     from scaling.results import read_run
 
     run_of = {job.job_id: p.run.run_id for job, p in zip(submitted, todo, strict=True)}
@@ -602,9 +603,13 @@ def wait_for(
             if status == "failed" and read_run(sweep_dir, run_id) is None:
                 states = job_states([job.job_id])
                 state = states.get(job.job_id)
-                if state in FAILED_STATES:
-                    reconcile(sweep_dir, {run_id: jobs[run_id]}, states)
-                else:
-                    status = "interrupted"
-            getattr(outcome, "failed" if status == "failed" else "trained").append(run_id)
+                if state not in FAILED_STATES:
+                    # Preempted or timed out for good, or lost with its node: not a failure
+                    # of the run, which resumes from its checkpoint when submitted again.
+                    log.warning("run %s: job %s ended %s without storing it; `scaling run` "
+                                "submits it again", run_id, job.job_id, state)  # fmt: skip
+                    bar.update(1)
+                    continue
+                reconcile(sweep_dir, {run_id: jobs[run_id]}, states)
+            _record(outcome, run_id, status)
             bar.update(1)

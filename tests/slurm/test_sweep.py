@@ -140,7 +140,17 @@ def _wait(what: str, check, timeout: float, every: float = 0.5):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def test_requeued_run_resumes_from_its_checkpoint(make_spec, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "interrupt",
+    [
+        ["scancel", "--signal=USR2"],  # as before a time limit: submitit's checkpoint()
+        ["scontrol", "requeue"],  # from outside: SIGTERM, the task restarts from its pickle
+    ],
+    ids=["usr2", "scontrol-requeue"],
+)
+def test_requeued_run_resumes_from_its_checkpoint(
+    make_spec, tmp_path: Path, interrupt: list[str]
+) -> None:
     spec = make_spec({"kind": "grid", "params": [5.0e3], "tokens": [2.0e5]}, preflight=False)
     sweep = load_sweep(spec)
     run = plan_sweep(sweep)[0].run
@@ -148,10 +158,10 @@ def test_requeued_run_resumes_from_its_checkpoint(make_spec, tmp_path: Path) -> 
     sweep_dir = outcome.sweep_dir
     job_id = read_jobs(sweep_dir)[run.run_id]["job_id"]
 
-    # Once it trains, SLURM signals USR2 (as before a time limit or a preemption).
+    # Once it trains, interrupt it.
     progress = sweep_dir / "progress" / f"{run.run_id}.json"
     _wait("the run to start", progress.exists, timeout=60, every=0.2)
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    subprocess.run([*interrupt, job_id], check=True)
 
     def state() -> str:
         return sweep_status(sweep_dir).set_index("run_id").loc[run.run_id, "state"]
