@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TRUTH, chinchilla_loss, isoflop_sweep
+from synthetic import TRUTH, chinchilla_loss, isoflop_sweep
 
 from scaling.errors import FitError
 from scaling.fit.approaches import all_approaches, approach_1, approach_2, budget_groups

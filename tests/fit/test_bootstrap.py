@@ -4,7 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import TRUTH, isoflop_sweep
+from synthetic import TRUTH, isoflop_sweep
 
 from scaling.fit.fitter import fit
 

@@ -5,7 +5,7 @@ import json
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import TRUTH
+from synthetic import TRUTH
 
 from scaling.cli.fit_cmds import COMMANDS
 from scaling.errors import ScalingError

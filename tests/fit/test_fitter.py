@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TRUTH, isoflop_sweep
+from synthetic import TRUTH, isoflop_sweep
 
 from scaling.errors import FitError
 from scaling.fit.fitter import FitResult, fit, predict

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TRUTH
+from synthetic import TRUTH
 
 from scaling.errors import FitError
 from scaling.fit.allocate import allocation_samples, optimal_split
@@ -106,7 +106,7 @@ def test_kaplan_law_at_published_values():
 
 
 def test_data_constrained_law_recovers_decay_constant():
-    from conftest import isoflop_sweep
+    from synthetic import isoflop_sweep
 
     data = isoflop_sweep(np.geomspace(1e17, 1e21, 7), 8, 0.0, 0)
     rng = np.random.default_rng(1)
