@@ -18,7 +18,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,12 +31,12 @@ from scaling.model.count import ModelShape, count
 from scaling.plan import PlannedRun, plan_sweep
 from scaling.results import load_runs, read_run, write_run
 from scaling.spec import RunSpec, SweepSpec
-from scaling.status import write_progress
+from scaling.status import read_progress, write_progress
 
 log = logging.getLogger(__name__)
 
 FINISHED = ("done", "diverged")
-PROGRESS_SECONDS = 5.0  # how often a running run refreshes its progress file
+PROGRESS_SECONDS = 2.0  # how often a running run refreshes its progress file
 
 
 @dataclass
@@ -298,8 +298,34 @@ def _run_pool(
             )
             for p in pending
         ]
-        with tqdm(total=len(futures), unit="run", disable=not show or not futures) as bar:
-            for future in as_completed(futures):
+        _follow(futures, pending, sweep_dir, outcome, show)
+
+
+def _follow(
+    futures: list, pending: list[PlannedRun], sweep_dir: Path, outcome: SweepOutcome, show: bool
+) -> None:
+    """Record each run as its worker finishes; show the steps of all runs in one bar, read
+    from the progress files the workers refresh."""
+    steps = {p.run.run_id: p.run.steps for p in pending}
+    runs = dict(zip(futures, pending, strict=True))
+    finished: set[str] = set()
+    waiting = set(futures)
+    with tqdm(
+        total=sum(steps.values()),
+        unit="step",
+        disable=not show or not futures,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    ) as bar:
+        while waiting:
+            done, waiting = wait(waiting, timeout=2.0, return_when=FIRST_COMPLETED)
+            for future in done:
                 run_id, status = future.result()
                 _record(outcome, run_id, status)
-                bar.update(1)
+                finished.add(runs[future].run.run_id)
+            position = sum(steps[r] for r in finished)
+            for run_id in set(steps) - finished:
+                progress = read_progress(sweep_dir, run_id)
+                position += progress["step"] if progress else 0
+            bar.set_description(f"{len(finished)}/{len(steps)} runs done")
+            bar.update(position - bar.n)

@@ -43,7 +43,7 @@ def write_progress(sweep_dir: Path, run_id: str, step: int, steps: int, tokens: 
     tmp.replace(path)
 
 
-def _read_progress(sweep_dir: Path, run_id: str) -> dict | None:
+def read_progress(sweep_dir: Path, run_id: str) -> dict | None:
     try:
         return json.loads(progress_path(sweep_dir, run_id).read_text())
     except (OSError, ValueError):
@@ -165,7 +165,7 @@ def sweep_status(sweep_dir: Path | str, *, scheduler: bool = True) -> pd.DataFra
         if row["state"] == "failed" and not row.get("error") and slurm_state:
             row["error"] = f"SLURM job {row['job_id']} ended {slurm_state} (see its log)"
         if row["state"] in ("pending", "running", "preempted"):
-            progress = _read_progress(sweep_dir, run_id)
+            progress = read_progress(sweep_dir, run_id)
             if progress is not None:
                 row["tokens_done"] = progress["tokens"]
 
