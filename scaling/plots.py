@@ -62,13 +62,14 @@ def plot_loss_vs_compute(
     fig, ax = plt.subplots(figsize=(7.5, 5))
     norm, cmap = _size_colors(runs)
     if curves is not None and not curves.empty:
-        evals = curves.dropna(subset=["val_loss"])
-        for run_id, curve in evals.groupby("run_id"):
+        # Training loss is logged every interval; validation only at a few points.
+        logged = curves.dropna(subset=["train_loss"])
+        for run_id, curve in logged.groupby("run_id"):
             row = runs[runs["run_id"] == run_id]
             if row.empty:
                 continue
             color = cmap(norm(row["params"].iloc[0]))
-            ax.plot(curve["compute"], curve["val_loss"], color=color, alpha=0.6, lw=1)
+            ax.plot(curve["compute"], curve["train_loss"], color=color, alpha=0.5, lw=1)
     ax.scatter(
         runs["compute"],
         runs["loss"],
@@ -109,7 +110,7 @@ def plot_loss_vs_compute(
         xscale="log",
         yscale="log",
         xlabel="compute C (FLOPs)",
-        ylabel="validation loss",
+        ylabel="loss (lines: training curves; points: final validation)",
         title="Loss against compute",
     )
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="parameters N")

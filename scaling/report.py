@@ -112,7 +112,9 @@ def describe(analysis: Analysis) -> str:
             else ""
         )
     )
-    for note in dict.fromkeys([*result.warnings, *analysis.warnings]):
+    # The fit's own diagnostics are also raised as warnings while fitting; show each once.
+    others = [n for n in analysis.warnings if not any(n.endswith(w) for w in result.warnings)]
+    for note in dict.fromkeys([*result.warnings, *others]):
         lines.append(f"warning: {note}")
     lines.append(f"fit: {analysis.fit_path}")
     lines.append("figures: " + ", ".join(str(p) for p in analysis.figures))
