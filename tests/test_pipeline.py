@@ -26,7 +26,7 @@ def tiny_sweep(tmp_path, monkeypatch):
         "data": {"corpus": str(corpus), "seq_len": 32, "val_tokens": 2048},
         "model": {"family": "gpt", "aspect_ratio": 16, "head_dim": 8},
         "train": {"batch_tokens": 512, "lr": 1.0e-2, "eval_points": 3, "log_interval": 20},
-        "plan": {"kind": "isoflop", "compute": [3.0e8, 1.0e9], "params": [4.0e3, 1.0e4, 2.5e4]},
+        "plan": {"kind": "isoflop", "compute": [1.0e9, 3.0e9], "params": [3.0e3, 8.0e3, 2.0e4]},
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))

@@ -547,8 +547,8 @@ def _uncertainty(
     """
     names = [f"u{j}" for j in range(len(u))]
     params = lmfit.Parameters()
-    for name, value in zip(names, u, strict=True):
-        params.add(name, value=float(value))
+    for name, value, (low, high) in zip(names, u, obj.bounds, strict=True):
+        params.add(name, value=float(value), min=float(low), max=float(high))
 
     def residual(p: lmfit.Parameters) -> np.ndarray:
         vec = np.array([p[n].value for n in names])
@@ -563,7 +563,10 @@ def _uncertainty(
         return None, u, f"covariance singular: {', '.join(confounded)} not identifiable together"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = lmfit.minimize(residual, params, method="leastsq", max_nfev=200 * len(u))
+        try:
+            out = lmfit.minimize(residual, params, method="leastsq", max_nfev=200 * len(u))
+        except ValueError as exc:  # lmfit refuses a step where the law is not finite
+            return None, u, f"covariance unavailable: the refinement left the law's domain ({exc})"
     u_new = np.array([out.params[n].value for n in names])
     if np.all(np.isfinite(u_new)) and np.all(u_new >= obj.bounds[:, 0]):
         if (
