@@ -27,8 +27,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from scaling.model.count import ModelShape, count
-from scaling.plan import PlannedRun, plan_sweep
+from scaling.plan import PlannedRun, plan_sweep, planned_fields
 from scaling.results import load_runs, read_run, write_run
 from scaling.spec import RunSpec, SweepSpec
 from scaling.status import read_progress, write_progress
@@ -87,33 +86,13 @@ def run_lock(sweep_dir: Path, run_id: str) -> Iterator[bool]:
 
 def failed_row(run: RunSpec, error: BaseException | str, **extra: object) -> dict:
     """The stored row of a run that raised: its counts, status `failed`, the error's tail."""
-    shape = ModelShape(**run.shape)
-    counts = count(shape)
     text = error if isinstance(error, str) else "".join(traceback.format_exception(error))
     return {
-        "run_id": run.run_id,
-        "sweep": run.sweep,
+        **planned_fields(run),
         "status": "failed",
         "error": "\n".join(text.strip().splitlines()[-20:]),
-        "family": shape.family,
-        "n_layers": shape.n_layers,
-        "d_model": shape.d_model,
-        "n_heads": shape.n_heads,
-        "d_ff": shape.d_ff,
-        "seq_len": shape.seq_len,
-        "vocab_size": shape.vocab_size,
-        "params": counts.params,
-        "params_nonembedding": counts.params_nonembedding,
-        "params_active": counts.params_active,
-        "tokens": run.tokens,
-        "steps": run.steps,
-        "compute": run.tokens * counts.flops(run.flops),
-        "target_params": run.target_params,
-        "target_compute": run.target_compute,
-        "seed": run.train.seed,
         "finished_at": datetime.now(UTC),
         "host": socket.gethostname(),
-        "spec": run.model_dump_json(),
         **extra,
     }
 

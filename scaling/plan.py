@@ -86,6 +86,51 @@ class PlannedRun:
         }
 
 
+def planned_fields(run: RunSpec) -> dict:
+    """The columns of a run's stored row that the plan fixes: shape, counts, tokens, compute.
+
+    The trainer adds the outcome (losses, timings) to these, and a run that fails before it
+    ends is stored with these alone, so every row of a sweep can be compared on size.
+    """
+    shape = ModelShape(**run.shape)
+    counts = count(shape)
+    return {
+        "run_id": run.run_id,
+        "sweep": run.sweep,
+        "family": shape.family,
+        "n_layers": shape.n_layers,
+        "d_model": shape.d_model,
+        "n_heads": shape.n_heads,
+        "d_ff": shape.d_ff,
+        "seq_len": shape.seq_len,
+        "vocab_size": shape.vocab_size,
+        "tie_embeddings": shape.tie_embeddings,
+        "num_experts": shape.num_experts,
+        "top_k": shape.top_k,
+        "params": counts.params,
+        "params_nonembedding": counts.params_nonembedding,
+        "params_active": counts.params_active,
+        "params_embedding": counts.params_embedding,
+        "flops_per_token": counts.flops_per_token,
+        "flops_6n": counts.flops_6n,
+        "flops_kaplan": counts.flops_kaplan,
+        "flops_convention": run.flops,
+        "tokens": run.tokens,
+        "steps": run.steps,
+        "batch_tokens": run.train.batch_tokens,
+        "compute": run.tokens * counts.flops(run.flops),
+        "compute_6n": run.tokens * counts.flops_6n,
+        "compute_shape": run.tokens * counts.flops_per_token,
+        "compute_kaplan": run.tokens * counts.flops_kaplan,
+        "target_params": run.target_params,
+        "target_compute": run.target_compute,
+        "lr": run.train.lr,
+        "schedule": run.train.schedule,
+        "seed": run.train.seed,
+        "spec": run.model_dump_json(),
+    }
+
+
 def vocab_size(spec: SweepSpec) -> int:
     """Vocabulary the models of this sweep need (bytes: 256; a token file: its own)."""
     data = spec.data

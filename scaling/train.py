@@ -33,6 +33,7 @@ from scaling.data import Corpus, get_batch, load_corpus, val_windows
 from scaling.errors import SpecError
 from scaling.model.count import Counts, ModelShape, count
 from scaling.model.gpt import GPT, MOE_STATS
+from scaling.plan import planned_fields
 from scaling.results import write_curve, write_run
 from scaling.spec import RunSpec, TrainSpec
 
@@ -458,46 +459,15 @@ def _log_row(loop: _Loop, row: dict) -> None:
 
 def _run_row(loop: _Loop, error: str | None, wall: float) -> dict:
     """The run's row for ``RUNS_SCHEMA``."""
-    run, shape, counts = loop.run, loop.shape, loop.counts
+    run = loop.run
     last = loop.curve[-1] if loop.curve else {}
     return {
-        "run_id": run.run_id,
-        "sweep": run.sweep,
+        **planned_fields(run),
         "status": "diverged" if error else "done",
         "error": error,
-        "family": shape.family,
-        "n_layers": shape.n_layers,
-        "d_model": shape.d_model,
-        "n_heads": shape.n_heads,
-        "d_ff": shape.d_ff,
-        "seq_len": shape.seq_len,
-        "vocab_size": shape.vocab_size,
-        "tie_embeddings": shape.tie_embeddings,
-        "num_experts": shape.num_experts,
-        "top_k": shape.top_k,
-        "params": counts.params,
-        "params_nonembedding": counts.params_nonembedding,
-        "params_active": counts.params_active,
-        "params_embedding": counts.params_embedding,
-        "flops_per_token": counts.flops_per_token,
-        "flops_6n": counts.flops_6n,
-        "flops_kaplan": counts.flops_kaplan,
-        "flops_convention": run.flops,
-        "tokens": run.tokens,
-        "steps": run.steps,
-        "batch_tokens": run.train.batch_tokens,
-        "compute": run.tokens * counts.flops(run.flops),
-        "compute_6n": run.tokens * counts.flops_6n,
-        "compute_shape": run.tokens * counts.flops_per_token,
-        "compute_kaplan": run.tokens * counts.flops_kaplan,
-        "target_params": run.target_params,
-        "target_compute": run.target_compute,
         "loss": None if error else loop.val_loss,
         "val_loss": loop.val_loss,
         "train_loss": last.get("train_loss"),
-        "lr": run.train.lr,
-        "schedule": run.train.schedule,
-        "seed": run.train.seed,
         "corpus": loop.corpus.name,
         "corpus_id": loop.corpus.corpus_id,
         "corpus_tokens": loop.corpus.n_tokens,
@@ -511,5 +481,4 @@ def _run_row(loop: _Loop, error: str | None, wall: float) -> dict:
         "python_version": platform.python_version(),
         "branched_from": wsd.trunk_id(run) if run.branches else None,
         "job_id": os.environ.get("SLURM_JOB_ID"),
-        "spec": run.model_dump_json(),
     }
