@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from scaling.model.count import ModelShape, count
-from scaling.model.gpt import GPT, INIT_STD
+from scaling.model.gpt import GPT, INIT_STD, causal_attention_math
 
 
 def _shape(**kwargs: object) -> ModelShape:
@@ -88,3 +88,24 @@ def test_gpt2_init() -> None:
     assert model.blocks[0].attn.proj.weight.std().item() == pytest.approx(residual, rel=0.05)
     assert model.blocks[3].mlp.down.weight.std().item() == pytest.approx(residual, rel=0.05)
     assert torch.equal(model.ln_f.weight, torch.ones(128))
+
+
+def test_math_attention_matches_sdpa() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 16, 8) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(causal_attention_math(q, k, v), expected, atol=1e-5)
+    # In bf16 (where the model uses it on CPU) it stays within bf16 rounding.
+    low = causal_attention_math(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert low.dtype == torch.bfloat16
+    assert torch.allclose(low.float(), expected, atol=3e-2)
+
+
+def test_bf16_autocast_loss_close_to_fp32() -> None:
+    torch.manual_seed(0)
+    model = GPT(_shape())
+    idx = torch.randint(0, 256, (4, 32))
+    _, loss32, _ = model(idx, idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss16, _ = model(idx, idx)
+    assert loss16.item() == pytest.approx(loss32.item(), rel=1e-2)
