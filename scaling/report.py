@@ -82,6 +82,31 @@ def _interval(pair: list[float] | None, digits: int = 4) -> str:
     return "" if not pair else f" [{_num(pair[0], digits)}, {_num(pair[1], digits)}]"
 
 
+def _isoflop_minima(runs: pd.DataFrame) -> list[str]:
+    """One line per IsoFLOP budget: the best run, and whether it is inside the sizes tried."""
+    from scaling.plots import budgets_of
+
+    if "target_compute" not in runs.columns or runs["target_compute"].isna().any():
+        return []
+    lines = []
+    for budget, group in runs.assign(budget=budgets_of(runs)).groupby("budget"):
+        if len(group) < 3:
+            continue
+        group = group.sort_values("params")
+        best = group["loss"].idxmin()
+        where = (
+            "inside the sizes tried"
+            if group.index[0] != best and group.index[-1] != best
+            else "at the edge of the sizes tried"
+        )
+        row = group.loc[best]
+        lines.append(
+            f"IsoFLOP C = {budget:.3g}: lowest loss {row['loss']:.4f} at N = {row['params']:,.0f}"
+            f" ({row['tokens'] / row['params']:.0f} tokens/param), {where}"
+        )
+    return lines
+
+
 def describe(analysis: Analysis) -> str:
     """The fitted law, the allocation and the extrapolated prediction, as text."""
     result, pred = analysis.fit, analysis.prediction
@@ -94,6 +119,7 @@ def describe(analysis: Analysis) -> str:
             + ("" if err is None else f" ± {_num(err, 2)}")
             + _interval(result.ci.get(name) if result.ci else None)
         )
+    lines += _isoflop_minima(analysis.runs)
     alloc = result.allocation
     if alloc is not None:
         ci = alloc.ci or {}
