@@ -166,6 +166,9 @@ def write_report(
     runs = analysis.runs
     cols = [c for c in ("run_id", "params", "tokens", "compute", "loss") if c in runs.columns]
     table = runs[cols].sort_values("compute")
+    for name in ("params", "tokens"):
+        if name in table.columns:
+            table[name] = table[name].map(lambda v: f"{v:,.0f}")
     lines = [
         f"# Scaling report: {Path(source).name}",
         "",

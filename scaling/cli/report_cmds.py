@@ -13,34 +13,45 @@ def _columns(items: tuple[str, ...]) -> dict[str, str]:
     return parse_columns(items)
 
 
-_col = click.option(
-    "--col",
-    "cols",
-    multiple=True,
-    metavar="FIELD=NAME",
-    help="Map a table column: params=, tokens=, compute=, loss=.",
-)
-_law = click.option("--law", default="chinchilla", show_default=True, help="Law to fit.")
+def _analysis_options(out_help: str):
+    """The options `plot` and `report` share: SOURCE, --out, --law, --col, --bootstrap."""
+
+    def decorate(command):
+        for option in reversed(
+            [
+                click.argument("source", type=click.Path(path_type=Path)),
+                click.option(
+                    "--out",
+                    "out_dir",
+                    type=click.Path(path_type=Path),
+                    required=True,
+                    help=out_help,
+                ),
+                click.option("--law", default="chinchilla", show_default=True, help="Law to fit."),
+                click.option(
+                    "--col",
+                    "cols",
+                    multiple=True,
+                    metavar="FIELD=NAME",
+                    help="Map a table column: params=, tokens=, compute=, loss=.",
+                ),
+                click.option(
+                    "--bootstrap",
+                    type=click.IntRange(min=0),
+                    default=200,
+                    show_default=True,
+                    help="Bootstrap resamples for the intervals and bands.",
+                ),
+            ]
+        ):
+            command = option(command)
+        return command
+
+    return decorate
 
 
 @click.command("plot")
-@click.argument("source", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Folder for the PNG files.",
-)
-@_law
-@_col
-@click.option(
-    "--bootstrap",
-    type=click.IntRange(min=0),
-    default=200,
-    show_default=True,
-    help="Bootstrap resamples for the interval bands.",
-)
+@_analysis_options("Folder for the PNG files.")
 def plot_cmd(source: Path, out_dir: Path, law: str, cols: tuple[str, ...], bootstrap: int) -> None:
     """Fit SOURCE and draw its curves, fit and frontier as PNG files in --out."""
     from scaling.report import analyze
@@ -51,17 +62,7 @@ def plot_cmd(source: Path, out_dir: Path, law: str, cols: tuple[str, ...], boots
 
 
 @click.command("report")
-@click.argument("source", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Folder for report.md, fit.json and figures.",
-)
-@_law
-@_col
-@click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True)
+@_analysis_options("Folder for report.md, fit.json and figures.")
 def report_cmd(
     source: Path, out_dir: Path, law: str, cols: tuple[str, ...], bootstrap: int
 ) -> None:
