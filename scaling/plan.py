@@ -127,6 +127,7 @@ def planned_fields(run: RunSpec) -> dict:
         "lr": run.train.lr,
         "schedule": run.train.schedule,
         "seed": run.train.seed,
+        "branched_from": wsd.trunk_id(run) if run.branches else None,
         "spec": run.model_dump_json(),
     }
 

@@ -479,6 +479,5 @@ def _run_row(loop: _Loop, error: str | None, wall: float) -> dict:
         "scaling_version": scaling.__version__,
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
-        "branched_from": wsd.trunk_id(run) if run.branches else None,
         "job_id": os.environ.get("SLURM_JOB_ID"),
     }
