@@ -218,7 +218,10 @@ def load_source(
 
     runs = load_runs(source)
     if columns:
-        runs = runs.rename(columns={v: k for k, v in columns.items()})
+        # e.g. --col params=params_active for an MoE sweep: the mapped column replaces the
+        # store's own column of that name.
+        replaced = [k for k, v in columns.items() if k != v and k in runs.columns]
+        runs = runs.drop(columns=replaced).rename(columns={v: k for k, v in columns.items()})
     if "status" in runs.columns:
         # Failed and diverged runs have no usable loss; drop them before the value check.
         runs = done_runs(runs, str(source))

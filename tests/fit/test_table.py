@@ -75,3 +75,25 @@ def test_load_source_directory_uses_results(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=r"b \(failed\)"):
         table = load_source(tmp_path)
     assert table["run_id"].tolist() == ["a"]
+
+
+def test_results_folder_column_can_be_replaced_by_another(tmp_path):
+    # An MoE sweep is fitted on active parameters: --col params=params_active.
+    from scaling.results import write_run
+
+    for i in range(3):
+        write_run(
+            tmp_path,
+            {
+                "run_id": f"r{i}",
+                "status": "done",
+                "params": 8 * 10 ** (4 + i),
+                "params_active": 10 ** (4 + i),
+                "tokens": 10**6,
+                "compute": 6e10 * 10**i,
+                "loss": 3.0 - 0.1 * i,
+            },
+        )
+    frame = load_source(tmp_path, {"params": "params_active"})
+    assert list(frame.columns).count("params") == 1
+    assert sorted(frame["params"]) == [1e4, 1e5, 1e6]
