@@ -179,15 +179,15 @@ def run_sweep(
     tasks themselves either way).
     """
     planned = plan_sweep(spec)
-    sweep_dir = Path(results_root) / spec.name
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic_text(sweep_dir / "sweep.json", spec.model_dump_json(indent=2))
-
-    # Load (and build, the first time) the corpus before any run starts, so a bad corpus
-    # path fails here and worker processes find the cache ready.
+    # Load (and build, the first time) the corpus before anything is written or run, so a
+    # bad corpus path fails here and worker processes find the cache ready.
     from scaling.data import load_corpus
 
     load_corpus(spec.data)
+
+    sweep_dir = Path(results_root) / spec.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic_text(sweep_dir / "sweep.json", spec.model_dump_json(indent=2))
 
     stored = stored_status(sweep_dir)
     pending = to_do(planned, stored, retry_failed)

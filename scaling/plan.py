@@ -142,6 +142,12 @@ def vocab_size(spec: SweepSpec) -> int:
     path = Path(data.corpus)
     if not path.is_file():
         raise SpecError(f"data.corpus: token file {path} not found")
+    itemsize = np.dtype(data.token_dtype).itemsize
+    if path.stat().st_size % itemsize:
+        raise SpecError(
+            f"data.corpus: token file {path} has {path.stat().st_size} bytes, not a whole "
+            f"number of {data.token_dtype} tokens; is data.token_dtype right?"
+        )
     tokens = np.memmap(path, dtype=np.dtype(data.token_dtype), mode="r")
     if tokens.size == 0:
         raise SpecError(f"data.corpus: token file {path} is empty")
@@ -301,6 +307,7 @@ def plan_sweep(spec: SweepSpec) -> list[PlannedRun]:
                     planned.append(_make(spec, shape, _steps(tokens, batch), target, budget))
 
     _check_sizes(spec, sizer, planned)
+    _check_steps(spec, planned)
     return _unique(planned)
 
 
@@ -313,6 +320,17 @@ def _check_sizes(spec: SweepSpec, sizer: _Sizer, planned: list[PlannedRun]) -> N
                 f"{field}: asks for a model of {run.run.target_params:,.0f} parameters, but the "
                 f"smallest this model spec makes has {smallest:,} (one {spec.model.head_dim}-wide "
                 "head, one block); raise the size or budget, or lower model.head_dim"
+            )
+
+
+def _check_steps(spec: SweepSpec, planned: list[PlannedRun]) -> None:
+    field = "plan.tokens" if isinstance(spec.plan, GridPlan) else "plan.tokens_per_param"
+    for run in planned:
+        if run.run.steps < MIN_STEPS:
+            raise SpecError(
+                f"{field}: a run of {run.run.tokens:,} tokens is {run.run.steps} steps of "
+                f"{spec.train.batch_tokens} tokens, under the minimum of {MIN_STEPS}; give it "
+                "more tokens or lower train.batch_tokens"
             )
 
 

@@ -92,3 +92,41 @@ def test_truncated_result_is_set_aside_and_the_rest_still_loads(tmp_path):
     assert result.exit_code == 0
     assert (sweep / "runs" / "r2.parquet.unreadable").exists()
     assert run_path(sweep, "r0").exists() and run_path(sweep, "r1").exists()
+
+
+def test_contradictory_predict_flags_are_refused(tmp_path):
+    table = tmp_path / "t.csv"
+    rows = [
+        (n, d, 1.7 + 400 * n**-0.34 + 410 * d**-0.28)
+        for n in (1e6, 1e7, 1e8)
+        for d in (1e8, 1e9, 1e10)
+    ]
+    table.write_text("params,tokens,loss\n" + "".join(f"{n},{d},{l}\n" for n, d, l in rows))
+    result = _run("predict", str(table), "--compute", "1e13", "--params", "1e5", "--tokens", "1e6")
+    _assert_user_error(result, "--compute 1e+13 contradicts --params and --tokens")
+
+
+def test_odd_sized_token_file_is_named(tmp_path):
+    tokens = tmp_path / "odd.bin"
+    tokens.write_bytes(b"\x01" * 1001)
+    spec = _spec(tmp_path, data={"corpus": str(tokens), "seq_len": 32})
+    _assert_user_error(_run("plan", spec), "odd.bin has 1001 bytes, not a whole number")
+
+
+def test_unwritable_output_path_is_one_line(tmp_path):
+    table = tmp_path / "t.csv"
+    rows = [
+        (n, d, 1.7 + 400 * n**-0.34 + 410 * d**-0.28)
+        for n in (1e6, 1e7, 1e8)
+        for d in (1e8, 1e9, 1e10)
+    ]
+    table.write_text("params,tokens,loss\n" + "".join(f"{n},{d},{l}\n" for n, d, l in rows))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = _run("plot", str(table), "--out", str(blocker / "sub"), "--bootstrap", "0")
+    _assert_user_error(result, str(blocker))
+
+
+def test_too_few_steps_in_a_grid_is_refused(tmp_path):
+    spec = _spec(tmp_path, plan={"kind": "grid", "params": [5.0e3], "tokens": [1000]})
+    _assert_user_error(_run("plan", spec), "spec.yaml: plan.tokens: a run of 1,024 tokens")

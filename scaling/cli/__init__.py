@@ -26,6 +26,9 @@ class _Group(click.Group):
         except ScalingError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:  # an output path that cannot be written, a file that vanished
+            click.echo(f"error: {exc.filename or ''}: {exc.strerror or exc}", err=True)
+            sys.exit(2)
 
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:

@@ -62,7 +62,9 @@ def _source_options(f):
 
 
 def _fit_options(f):
-    f = click.option("--bootstrap", type=int, default=0, show_default=True, help="Resamples.")(f)
+    f = click.option(
+        "--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="Resamples."
+    )(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="Bootstrap seed.")(f)
     f = click.option(
         "--huber-delta", type=float, default=1e-3, show_default=True, help="Huber threshold."
@@ -223,7 +225,9 @@ def _allocation_text(title: str, alloc) -> str:
 @click.option("--unique-tokens", type=float, help="Unique tokens (data-constrained law).")
 @_law_options
 @_source_options
-@click.option("--bootstrap", type=int, default=0, show_default=True, help="Resamples (fit).")
+@click.option(
+    "--bootstrap", type=click.IntRange(min=0), default=0, show_default=True, help="Resamples (fit)."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def predict_cmd(
@@ -268,7 +272,9 @@ def predict_cmd(
 @_law_options
 @_source_options
 @click.option("--curves", default=None, help="Training-curves table for approach 1.")
-@click.option("--bootstrap", type=int, default=200, show_default=True, help="Resamples.")
+@click.option(
+    "--bootstrap", type=click.IntRange(min=0), default=200, show_default=True, help="Resamples."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--ci-level", type=float, default=0.95, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -310,7 +316,9 @@ def allocations_cmd(
     show_default=True,
     help="Hold out the runs at the largest budget or the largest N.",
 )
-@click.option("--bootstrap", type=int, default=100, show_default=True, help="Resamples.")
+@click.option(
+    "--bootstrap", type=click.IntRange(min=0), default=100, show_default=True, help="Resamples."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def compare_cmd(

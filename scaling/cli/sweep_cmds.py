@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 import pandas as pd
 
-from scaling.errors import ScalingError
+from scaling.errors import DataError, ScalingError, SpecError
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _naming(spec: Path) -> Iterator[None]:
+    """Prefix spec errors found after loading (planning, the corpus) with the spec's path."""
+    try:
+        yield
+    except (SpecError, DataError) as exc:
+        if str(spec) in str(exc):
+            raise
+        raise type(exc)(f"{spec}: {exc}") from None
 
 
 def _fmt(x: float) -> str:
@@ -53,7 +67,8 @@ def plan_cmd(spec: Path, as_json: bool) -> None:
     from scaling.spec import load_sweep
 
     sweep = load_sweep(spec)
-    planned = plan_sweep(sweep)
+    with _naming(spec):
+        planned = plan_sweep(sweep)
     rows = [p.summary() for p in planned]
     total = sum(r["estimated_seconds"] for r in rows)
     if as_json:
@@ -126,7 +141,10 @@ def run_cmd(
         sweep = sweep.model_copy(
             update={"launch": sweep.launch.model_copy(update={"executor": executor})}
         )
-    outcome = run_sweep(sweep, results_root, workers=workers, retry_failed=retry_failed, wait=wait)
+    with _naming(spec):
+        outcome = run_sweep(
+            sweep, results_root, workers=workers, retry_failed=retry_failed, wait=wait
+        )
     click.echo(
         f"sweep {sweep.name}: {outcome.planned} runs planned, {len(outcome.trained)} trained, "
         f"{len(outcome.skipped)} already stored, {len(outcome.failed)} failed"
@@ -148,6 +166,8 @@ def run_cmd(
         except ScalingError as exc:
             click.echo(f"no fit yet: {exc}")
     click.echo(f"results: {outcome.sweep_dir}")
+    if outcome.failed:
+        sys.exit(1)  # the others are stored; a script still learns that some runs failed
 
 
 @click.command("status")

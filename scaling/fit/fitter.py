@@ -927,6 +927,15 @@ def predict(
         if value is not None and not (math.isfinite(value) and value > 0):
             raise FitError(f"predict: --{name} {value} must be a positive number")
 
+    if params is not None and tokens is not None and compute is not None:
+        implied = k * params * tokens
+        if abs(implied / compute - 1) > 0.01:
+            raise FitError(
+                f"predict: --compute {compute:.4g} contradicts --params and --tokens, which "
+                f"make C = {k:g}·N·D = {implied:.4g}; give --compute alone, or --params and "
+                "--tokens"
+            )
+
     theta = fit.theta[None, :]
     samples = fit.bootstrap_samples
     optimal = compute is not None and params is None and tokens is None
