@@ -196,7 +196,8 @@ def status_cmd(sweep_dir: Path, as_json: bool) -> None:
         )
         return
     with pd.option_context("display.width", 200, "display.max_columns", 20):
-        click.echo(table.drop(columns=["error"]).to_string(index=False))
+        shown = table.drop(columns=["error"]).astype(object)
+        click.echo(shown.where(shown.notna(), "").to_string(index=False))
     for row in table.itertuples():
         if row.state == "failed" and row.error:
             click.echo(f"\n{row.run_id} failed:\n  " + str(row.error).strip().splitlines()[-1])
