@@ -26,8 +26,11 @@ class _Group(click.Group):
         except ScalingError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except BrokenPipeError:  # the reader went away (`scaling status ... | head`)
+            sys.exit(1)
         except OSError as exc:  # an output path that cannot be written, a file that vanished
-            click.echo(f"error: {exc.filename or ''}: {exc.strerror or exc}", err=True)
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
             sys.exit(2)
 
 
