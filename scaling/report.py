@@ -51,7 +51,7 @@ def analyze(
     source, out_dir = Path(source), Path(out_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        runs = load_source(source, columns or _moe_columns(source))
+        runs = load_source(source, columns)
         if runs.empty:
             raise FitError(f"{source}: no finished runs to fit")
         result = fit(runs, law, bootstrap=bootstrap, seed=seed)
@@ -72,19 +72,6 @@ def analyze(
     figures = plot_all(runs, result, out_dir / "figures", curves=curves, extrapolate_to=target)
     notes = [str(w.message) for w in caught]
     return Analysis(runs, result, target, prediction, figures, fit_path, notes)
-
-
-def _moe_columns(source: Path) -> dict[str, str] | None:
-    """An MoE sweep is fitted on active parameters (what its compute counts)."""
-    if not source.is_dir():
-        return None
-    from scaling.results import load_runs
-
-    families = set(load_runs(source)["family"].dropna())
-    if families == {"moe"}:
-        log.info("%s: MoE runs, fitted on params_active", source)
-        return {"params": "params_active"}
-    return None
 
 
 def _num(x: float | None, digits: int = 4) -> str:

@@ -217,6 +217,10 @@ def load_source(
     from scaling.results import load_runs
 
     runs = load_runs(source)
+    if not columns and "family" in runs.columns and set(runs["family"].dropna()) == {"moe"}:
+        # An MoE sweep is fitted on active parameters, what its compute counts.
+        logger.info("%s: MoE runs, N = params_active", source)
+        columns = {"params": "params_active"}
     if columns:
         # e.g. --col params=params_active for an MoE sweep: the mapped column replaces the
         # store's own column of that name.
