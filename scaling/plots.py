@@ -23,20 +23,10 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.colors import LogNorm  # noqa: E402
 
+from scaling.fit.approaches import budget_groups  # noqa: E402
 from scaling.fit.fitter import FitResult, predict, predict_arrays  # noqa: E402
 
 log = logging.getLogger(__name__)
-
-# Relative tolerance within which two runs' budgets count as the same IsoFLOP budget.
-BUDGET_RTOL = 0.05
-
-
-def budgets_of(runs: pd.DataFrame) -> pd.Series:
-    """Each run's budget: ``target_compute`` when planned so, else compute rounded."""
-    if "target_compute" in runs.columns and runs["target_compute"].notna().all():
-        return runs["target_compute"].astype(float)
-    compute = runs["compute"].astype(float)
-    return np.exp(np.round(np.log(compute) / BUDGET_RTOL) * BUDGET_RTOL)
 
 
 def _frontier(fit: FitResult, low: float, high: float) -> pd.DataFrame:
@@ -94,7 +84,7 @@ def plot_loss_vs_compute(
             band = np.array(front["interval"].tolist())
             ax.fill_between(front["compute"], band[:, 0], band[:, 1], color="crimson", alpha=0.15)
         opt = pd.DataFrame(
-            [predict(fit, compute=float(c)) for c in sorted(budgets_of(runs).unique())]
+            [predict(fit, compute=float(c)) for c in sorted(set(budget_groups(runs)))]
         )
         ax.scatter(
             opt["compute"],
@@ -121,7 +111,7 @@ def plot_loss_vs_compute(
 def plot_isoflop(runs: pd.DataFrame, fit: FitResult | None, path: Path) -> Path:
     """Final loss against N for each budget, with the fitted law along each IsoFLOP line."""
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    runs = runs.assign(budget=budgets_of(runs))
+    runs = runs.assign(budget=budget_groups(runs))
     palette = sns.color_palette("rocket", n_colors=runs["budget"].nunique())
     for color, (budget, group) in zip(palette, runs.groupby("budget"), strict=True):
         group = group.sort_values("params")
@@ -213,7 +203,7 @@ def plot_all(
     paths = [
         plot_loss_vs_compute(runs, curves, fit, out_dir / "loss_vs_compute.png", extrapolate_to)
     ]
-    if budgets_of(runs).nunique() < len(runs):
+    if len(set(budget_groups(runs))) < len(runs):
         paths.append(plot_isoflop(runs, fit, out_dir / "isoflop.png"))
     if fit is not None:
         paths.append(plot_fit_vs_observed(runs, fit, out_dir / "fit_vs_observed.png"))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from scaling.errors import FitError
+from scaling.fit.approaches import budget_groups
 from scaling.fit.fitter import FitResult, fit, predict
 from scaling.fit.table import load_source
 
@@ -84,12 +85,10 @@ def _interval(pair: list[float] | None, digits: int = 4) -> str:
 
 def _isoflop_minima(runs: pd.DataFrame) -> list[str]:
     """One line per IsoFLOP budget: the best run, and whether it is inside the sizes tried."""
-    from scaling.plots import budgets_of
-
     if "target_compute" not in runs.columns or runs["target_compute"].isna().any():
         return []
     lines = []
-    for budget, group in runs.assign(budget=budgets_of(runs)).groupby("budget"):
+    for budget, group in runs.assign(budget=budget_groups(runs)).groupby("budget"):
         if len(group) < 3:
             continue
         group = group.sort_values("params")

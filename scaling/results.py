@@ -228,11 +228,3 @@ def read_run(sweep_dir: Path, run_id: str) -> dict | None:
         return None
     frame = _read(path, RUNS_SCHEMA)
     return None if frame is None or frame.empty else frame.iloc[0].to_dict()
-
-
-def done_run_ids(sweep_dir: Path) -> set[str]:
-    """Run ids with a readable stored row (any status): what a rerun does not train again."""
-    runs = load_runs(sweep_dir) if (Path(sweep_dir) / "runs").is_dir() else None
-    if runs is None or runs.empty:
-        return set()
-    return set(runs["run_id"])

@@ -94,7 +94,8 @@ def test_truncated_result_is_set_aside_and_the_rest_still_loads(tmp_path):
     assert run_path(sweep, "r0").exists() and run_path(sweep, "r1").exists()
 
 
-def test_contradictory_predict_flags_are_refused(tmp_path):
+def _law_table(tmp_path):
+    """A 3x3 grid of (N, D) with losses from a Chinchilla-like law, as a CSV table."""
     table = tmp_path / "t.csv"
     rows = [
         (n, d, 1.7 + 400 * n**-0.34 + 410 * d**-0.28)
@@ -102,6 +103,11 @@ def test_contradictory_predict_flags_are_refused(tmp_path):
         for d in (1e8, 1e9, 1e10)
     ]
     table.write_text("params,tokens,loss\n" + "".join(f"{n},{d},{l}\n" for n, d, l in rows))
+    return table
+
+
+def test_contradictory_predict_flags_are_refused(tmp_path):
+    table = _law_table(tmp_path)
     result = _run("predict", str(table), "--compute", "1e13", "--params", "1e5", "--tokens", "1e6")
     _assert_user_error(result, "--compute 1e+13 contradicts --params and --tokens")
 
@@ -114,13 +120,7 @@ def test_odd_sized_token_file_is_named(tmp_path):
 
 
 def test_unwritable_output_path_is_one_line(tmp_path):
-    table = tmp_path / "t.csv"
-    rows = [
-        (n, d, 1.7 + 400 * n**-0.34 + 410 * d**-0.28)
-        for n in (1e6, 1e7, 1e8)
-        for d in (1e8, 1e9, 1e10)
-    ]
-    table.write_text("params,tokens,loss\n" + "".join(f"{n},{d},{l}\n" for n, d, l in rows))
+    table = _law_table(tmp_path)
     blocker = tmp_path / "file"
     blocker.write_text("")
     result = _run("plot", str(table), "--out", str(blocker / "sub"), "--bootstrap", "0")

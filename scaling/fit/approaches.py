@@ -30,13 +30,16 @@ BUDGET_TOLERANCE = 0.05
 
 
 def budget_groups(runs: pd.DataFrame, tolerance: float = BUDGET_TOLERANCE) -> np.ndarray:
-    """Budget of each run: the ``budget`` column, else compute grouped within ``tolerance``.
+    """Budget of each run: the ``budget`` column, else the planned ``target_compute`` of a
+    results folder, else compute grouped within ``tolerance``.
 
     Runs sorted by compute start a new group when their compute exceeds the group's first
     by more than the tolerance; each run gets its group's median compute.
     """
     if "budget" in runs.columns:
         return runs["budget"].to_numpy(dtype=float)
+    if "target_compute" in runs.columns and runs["target_compute"].notna().all():
+        return runs["target_compute"].to_numpy(dtype=float)
     compute = runs["compute"].to_numpy(dtype=float)
     order = np.argsort(compute)
     labels = np.empty(len(compute), dtype=int)

@@ -219,17 +219,3 @@ def shape_for_params(
         if min(sizes) > target:
             return best[2]
         d_model += head_dim
-
-
-def smallest_shape(
-    *, vocab_size: int, seq_len: int, aspect_ratio: float, head_dim: int, **kwargs
-) -> ModelShape:
-    """The smallest shape the sizing rule can make (one head wide)."""
-    return shape_for_params(
-        1.0,
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        aspect_ratio=aspect_ratio,
-        head_dim=head_dim,
-        **kwargs,
-    )
